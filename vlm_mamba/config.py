@@ -66,7 +66,9 @@ class SSMConfig(_Config):
     d_state: int = Field(16, gt=0, description="SSM state size per channel (n)")
     d_conv: int = Field(4, ge=1, le=8, description="causal depthwise conv width (k)")
     expand: int = Field(2, gt=0, description="inner width = expand * d_model (e)")
-    dt_rank: int | Literal["auto"] = Field("auto", description="Mamba-1 dt projection rank; auto = ceil(d/16)")
+    dt_rank: int | Literal["auto"] = Field(
+        "auto", description="Mamba-1 dt projection rank; auto = ceil(d/16)"
+    )
     dt_min: float = Field(0.001, gt=0)
     dt_max: float = Field(0.1, gt=0)
     dt_init_floor: float = Field(1e-4, gt=0)
@@ -174,8 +176,12 @@ class BridgerConfig(_Config):
     expansion_factor: int = Field(4, gt=0)
     norm: bool = Field(True, description="RMSNorm on the bridge output")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    in_dim: int | None = Field(None, gt=0, description="optional explicit input width; must equal vision.d_model")
-    out_dim: int | None = Field(None, gt=0, description="optional explicit output width; must equal language.d_model")
+    in_dim: int | None = Field(
+        None, gt=0, description="optional explicit input width; must equal vision.d_model"
+    )
+    out_dim: int | None = Field(
+        None, gt=0, description="optional explicit output width; must equal language.d_model"
+    )
 
 
 class LoRAConfig(_Config):
@@ -231,7 +237,9 @@ class VLMambaConfig(_Config):
                 raise ValueError(f"{name}={tok} is outside language.vocab_size={lang.vocab_size}")
         if self.lora is not None and self.lora.apply_to in ("vision", "both") and self.vision_mode == "fuyu":
             if self.lora.apply_to == "vision":
-                raise ValueError("lora.apply_to='vision' but vision_mode='fuyu' has no vision encoder to adapt")
+                raise ValueError(
+                    "lora.apply_to='vision' but vision_mode='fuyu' has no vision encoder to adapt"
+                )
         return self
 
     @property
