@@ -213,7 +213,8 @@ def draw_predictions(
             ax = fig.add_axes(
                 (left / fig_w, (top - head_h - cell_inches) / fig_h, cell_inches / fig_w, cell_inches / fig_h)
             )
-            ax.imshow(np.asarray(images[i]), interpolation="nearest")  # aspect kept, centred in the square cell
+            # Aspect kept, centred in the square cell; nearest keeps small synthetic images crisp.
+            ax.imshow(np.asarray(images[i]), interpolation="nearest")
             ax.set_axis_off()
             y = top - head_h - cell_inches - pad
             for kind, part in texts[i]:
