@@ -23,6 +23,7 @@ this project's machines).
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -122,6 +123,7 @@ def process_digit_article(text: str) -> str:
     return " ".join(CONTRACTIONS.get(word, word) for word in words)
 
 
+@functools.lru_cache(maxsize=1 << 16)  # answers repeat a lot; a pure function of the string
 def normalize_vqa_answer(text: str) -> str:
     """Full normalisation applied to non-unanimous questions: punctuation, then digits/articles."""
     return process_digit_article(process_punctuation(text))
