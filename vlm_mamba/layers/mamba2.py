@@ -1,0 +1,178 @@
+"""Mamba-2 mixer (Dao & Gu 2024, "Transformers are SSMs", section 7), twin of mamba_ssm's ``Mamba2``.
+
+One in_proj produces z, x, B, C and dt together; a causal conv runs over (x, B, C); the SSD scan has
+one scalar decay per head; a gated, grouped RMSNorm and out_proj finish. Parameter names and the
+in_proj layout follow ``mamba_ssm.modules.mamba2.Mamba2`` (defaults: ``rmsnorm=True``,
+``D_has_hdim=False``, ``d_ssm=d_inner``), which transformers' ``Mamba2Mixer`` shares.
+
+Shapes: ``b`` batch, ``l`` length, ``d`` model width, ``e`` inner width, ``h`` heads, ``p`` head
+width, ``g`` groups, ``n`` state size, ``k`` conv width, ``c`` conv channels = e + 2 g n.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vlm_mamba import ops
+from vlm_mamba.layers.mamba1 import _keep_masked, _prepare_mask, init_dt_bias
+from vlm_mamba.layers.norm import RMSNormGated
+from vlm_mamba.layers.state import MixerState
+
+
+class Mamba2Mixer(nn.Module):
+    """SSD mixer; ``forward`` / ``step`` / ``allocate_state`` as ``MambaMixer``'s."""
+
+    def __init__(
+        self,
+        d_model: int,
+        d_state: int = 128,
+        d_conv: int = 4,
+        expand: int = 2,
+        headdim: int = 64,
+        ngroups: int = 1,
+        chunk_size: int = 256,
+        A_init_range: tuple[float, float] = (1.0, 16.0),
+        dt_min: float = 0.001,
+        dt_max: float = 0.1,
+        dt_init_floor: float = 1e-4,
+        conv_bias: bool = True,
+        bias: bool = False,
+        norm_eps: float = 1e-5,
+        norm_before_gate: bool = False,
+        layer_idx: int | None = None,
+        kernel: str = "auto",
+        device=None,
+        dtype=None,
+    ):
+        super().__init__()
+        fk = {"device": device, "dtype": dtype}
+        self.d_model, self.d_state, self.d_conv, self.expand = d_model, d_state, d_conv, expand
+        self.d_inner = expand * d_model
+        if self.d_inner % headdim:
+            raise ValueError(
+                f"Mamba2Mixer: headdim={headdim} must divide d_inner=expand*d_model={self.d_inner}"
+            )
+        self.headdim, self.nheads = headdim, self.d_inner // headdim
+        if self.nheads % ngroups:
+            raise ValueError(f"Mamba2Mixer: ngroups={ngroups} must divide nheads={self.nheads}")
+        self.ngroups, self.chunk_size = ngroups, chunk_size
+        self.layer_idx, self.kernel = layer_idx, kernel
+        self.conv_dim = self.d_inner + 2 * ngroups * d_state
+
+        # in_proj output, in order: z (e), x (e), B (g n), C (g n), dt (h)
+        self.in_proj = nn.Linear(
+            d_model, 2 * self.d_inner + 2 * ngroups * d_state + self.nheads, bias=bias, **fk
+        )
+        self.conv1d = nn.Conv1d(
+            self.conv_dim,
+            self.conv_dim,
+            d_conv,
+            groups=self.conv_dim,
+            padding=d_conv - 1,
+            bias=conv_bias,
+            **fk,
+        )
+        self.dt_bias = nn.Parameter(init_dt_bias(self.nheads, dt_min, dt_max, dt_init_floor, device))
+        self.dt_bias._no_weight_decay = True
+        A = torch.empty(self.nheads, dtype=torch.float32, device=device).uniform_(*A_init_range)
+        self.A_log = nn.Parameter(torch.log(A))
+        self.A_log._no_weight_decay = True
+        self.D = nn.Parameter(torch.ones(self.nheads, device=device))
+        self.D._no_weight_decay = True
+        self.norm = RMSNormGated(
+            self.d_inner,
+            eps=norm_eps,
+            group_size=self.d_inner // ngroups,
+            norm_before_gate=norm_before_gate,
+            **fk,
+        )
+        self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **fk)
+
+    @classmethod
+    def from_config(cls, cfg, layer_idx: int | None = None, device=None, dtype=None) -> Mamba2Mixer:
+        """Build from a ``LanguageConfig`` (its Mamba-2 fields: headdim, ngroups, chunk_size, ...)."""
+        return cls(
+            cfg.d_model, d_state=cfg.d_state, d_conv=cfg.d_conv, expand=cfg.expand, headdim=cfg.headdim,
+            ngroups=cfg.ngroups, chunk_size=cfg.chunk_size, dt_min=cfg.dt_min, dt_max=cfg.dt_max,
+            dt_init_floor=cfg.dt_init_floor, conv_bias=cfg.conv_bias, bias=cfg.bias, norm_eps=cfg.norm_eps,
+            norm_before_gate=cfg.norm_before_gate, layer_idx=layer_idx, kernel=cfg.kernel, device=device,
+            dtype=dtype,
+        )  # fmt: skip
+
+    def allocate_state(self, batch: int, dtype=None, device=None) -> MixerState:
+        """Zero state: conv (b,c,k-1) in ``dtype`` (default: the weights'), ssm (b,h,p,n) fp32."""
+        w = self.in_proj.weight
+        device = device if device is not None else w.device
+        conv = torch.zeros(batch, self.conv_dim, self.d_conv - 1, device=device, dtype=dtype or w.dtype)
+        ssm = torch.zeros(batch, self.nheads, self.headdim, self.d_state, device=device)
+        return MixerState(conv, ssm)
+
+    def _split(self, zxbcdt: Tensor):
+        """(..., 2e + 2gn + h) -> z (..., e), xBC (..., c), dt (..., h)."""
+        return zxbcdt.split([self.d_inner, self.conv_dim, self.nheads], dim=-1)
+
+    def forward(
+        self,
+        x: Tensor,
+        mask: Tensor | None = None,
+        state: MixerState | None = None,
+        return_state: bool = False,
+    ):
+        """x (b,l,d) -> y (b,l,d) [, final MixerState]. mask (b,l): True = real, False = identity step."""
+        b, L, _ = x.shape
+        h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
+        mask = _prepare_mask(mask, x)
+        if mask is not None:  # real tokens first (see vlm_mamba.ops.padding)
+            order, inverse, lengths = ops.compact_by_mask(mask)
+            x = x.gather(1, ops.expand_index(order, x))
+            valid = torch.arange(L, device=x.device) < lengths[:, None]  # (b,l)
+        z, xBC, dt = self._split(self.in_proj(x))  # (b,l,e) (b,l,c) (b,l,h)
+        xBC_in = xBC.transpose(1, 2)  # (b,c,l)
+        conv_init = state.conv if state is not None else None
+        xBC = ops.causal_conv1d(
+            xBC_in, self.conv1d.weight[:, 0], self.conv1d.bias, initial_states=conv_init, kernel=self.kernel
+        ).transpose(1, 2)  # (b,l,c)
+        xs, B, C = xBC.split([self.d_inner, g * n, g * n], dim=-1)
+        A = -torch.exp(self.A_log.float())  # (h,)
+        if mask is None:
+            dt_bias, softplus = self.dt_bias, True
+        else:  # dt = 0 at pads: an identity step
+            dt = (F.softplus(dt.float() + self.dt_bias.float()) * valid[..., None]).to(dt.dtype)
+            dt_bias, softplus = None, False
+        y = ops.ssd_chunk_scan(
+            xs.reshape(b, L, h, p), dt, A, B.reshape(b, L, g, n), C.reshape(b, L, g, n), self.chunk_size,
+            D=self.D, z=None, initial_states=state.ssm if state is not None else None,
+            return_final_states=return_state, dt_bias=dt_bias, dt_softplus=softplus, kernel=self.kernel,
+        )  # fmt: skip
+        if return_state:
+            y, ssm = y
+        out = self.out_proj(self.norm(y.reshape(b, L, self.d_inner), z))  # (b,l,d)
+        if mask is not None:
+            out = out.gather(1, ops.expand_index(inverse, out))
+        if not return_state:
+            return out
+        lengths = lengths if mask is not None else torch.full((b,), L, device=x.device)
+        return out, MixerState(ops.conv_window(xBC_in, conv_init, lengths, self.d_conv), ssm.float())
+
+    def step(self, x: Tensor, state: MixerState, mask: Tensor | None = None) -> tuple[Tensor, MixerState]:
+        """One token: x (b,d) -> (y (b,d), new MixerState). Rows with mask (b,) False keep their state."""
+        b = x.shape[0]
+        h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
+        z, xBC, dt = self._split(self.in_proj(x))  # (b,e) (b,c) (b,h)
+        xBC, conv = ops.causal_conv1d_update(
+            xBC, state.conv, self.conv1d.weight[:, 0], self.conv1d.bias, kernel=self.kernel
+        )
+        xs, B, C = xBC.split([self.d_inner, g * n, g * n], dim=-1)
+        # per-head scalars broadcast over the head width, as mamba_ssm's Mamba2.step does
+        A = (-torch.exp(self.A_log.float()))[:, None, None].expand(h, p, n)
+        y, ssm = ops.selective_state_update(
+            state.ssm, xs.reshape(b, h, p), dt[..., None].expand(b, h, p), A, B.reshape(b, g, n),
+            C.reshape(b, g, n), D=self.D[:, None].expand(h, p), z=None,
+            dt_bias=self.dt_bias[:, None].expand(h, p), dt_softplus=True, kernel=self.kernel,
+        )  # fmt: skip
+        new = MixerState(conv, ssm)
+        if mask is not None:
+            new = _keep_masked(new, state, mask)
+        return self.out_proj(self.norm(y.reshape(b, self.d_inner), z)), new

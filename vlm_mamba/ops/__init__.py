@@ -1,0 +1,259 @@
+"""Kernel dispatch: the only place in vlm_mamba that chooses between CUDA kernels and PyTorch code.
+
+Three families, each with the same function signatures (mamba_ssm's names and layouts):
+
+- ``cuda``: mamba_ssm ``selective_scan_fn`` / ``mamba_inner_fn`` / ``mamba_chunk_scan_combined`` /
+  ``selective_state_update`` and causal_conv1d ``causal_conv1d_fn`` / ``causal_conv1d_update``
+  (``vlm_mamba.ops.cuda``);
+- ``torch``: pure PyTorch with autograd, the fastest form measured on a 2-core CPU per length
+  (``vlm_mamba.ops.torch_ops``);
+- ``ref``: the sequential references the tests compare against (``vlm_mamba.ops.reference``).
+
+Which one runs: a non-``"auto"`` ``kernel`` argument (the configs' ``kernel`` field) wins, else the
+``VLM_MAMBA_KERNEL`` environment variable, else ``auto`` = ``cuda`` for CUDA tensors when the kernels
+import, ``torch`` otherwise. A forced ``cuda`` that cannot run raises, saying why. Each resolution is
+logged once (logger ``vlm_mamba.ops``).
+
+Within the cuda family, calls the kernels cannot serve run the torch code instead: conv widths
+other than 2-4 (causal_conv1d's limit), and the one-step ops when autograd needs their gradient
+(the step kernels have no backward).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import torch
+from torch import Tensor
+
+from vlm_mamba.ops import reference as _ref
+from vlm_mamba.ops import torch_ops as _torch
+from vlm_mamba.ops.padding import compact_by_mask, conv_window, expand_index
+
+__all__ = [
+    "KERNEL_ENV",
+    "kernel_family",
+    "cuda_unavailable_reason",
+    "selective_scan",
+    "ssd_chunk_scan",
+    "causal_conv1d",
+    "causal_conv1d_update",
+    "selective_state_update",
+    "mamba_inner",
+    "fused_mamba_inner_available",
+    "compact_by_mask",
+    "conv_window",
+    "expand_index",
+]
+
+logger = logging.getLogger("vlm_mamba.ops")
+KERNEL_ENV = "VLM_MAMBA_KERNEL"
+FAMILIES = ("auto", "cuda", "torch", "ref")
+_CONV_WIDTHS = (2, 3, 4)  # causal_conv1d's kernels exist for these widths only
+
+
+@functools.cache
+def cuda_unavailable_reason() -> str | None:
+    """None when the CUDA kernels import and a GPU is visible, else a sentence saying why not."""
+    from vlm_mamba.ops import cuda as _cuda
+
+    try:
+        _cuda.load()
+    except Exception as err:  # ImportError, missing GPU, a kernel built for another arch, ...
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+@functools.cache
+def _resolve(requested: str, env: str, device_type: str) -> str:
+    if requested not in FAMILIES:
+        raise ValueError(f"kernel={requested!r} is not one of {FAMILIES}")
+    if env not in ("",) + FAMILIES:
+        raise ValueError(f"{KERNEL_ENV}={env!r} is not one of {FAMILIES}")
+    if requested != "auto":
+        choice, source = requested, f"kernel={requested!r}"
+    elif env not in ("", "auto"):
+        choice, source = env, f"{KERNEL_ENV}={env}"
+    else:
+        choice, source = "auto", "auto"
+    if choice == "cuda":
+        reason = cuda_unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(f"{source} forces the CUDA kernels, but they cannot be used: {reason}")
+        if device_type != "cuda":
+            raise RuntimeError(f"{source} forces the CUDA kernels, but the tensors are on {device_type!r}")
+    if choice == "auto":
+        reason = cuda_unavailable_reason() if device_type == "cuda" else "tensors are not on a GPU"
+        choice = "cuda" if reason is None else "torch"
+        source = "auto" if reason is None else f"auto; CUDA kernels not used: {reason}"
+    logger.info("vlm_mamba.ops: kernel family %r for %s tensors (%s)", choice, device_type, source)
+    return choice
+
+
+def kernel_family(requested: str | None = "auto", device: torch.device | str | None = None) -> str:
+    """The family ("cuda" | "torch" | "ref") that ops on ``device`` run with (resolved and logged once).
+
+    ``device`` None means the GPU when one is visible, else the CPU.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    return _resolve(
+        requested or "auto", os.environ.get(KERNEL_ENV, "").strip().lower(), torch.device(device).type
+    )
+
+
+def _impl(name: str, kernel: str | None, x: Tensor, cuda_ok: bool = True):
+    """The function ``name`` of the family resolved for ``x``; torch's when ``cuda_ok`` is False."""
+    fam = kernel_family(kernel, x.device)
+    if fam == "cuda" and cuda_ok:
+        from vlm_mamba.ops import cuda as _cuda
+
+        return getattr(_cuda, name)
+    if fam == "ref":
+        return getattr(_ref, f"{name}_ref")
+    return getattr(_torch, f"{name}_torch")
+
+
+def _needs_grad(*tensors: Tensor | None) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def selective_scan(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    delta_bias: Tensor | None = None,
+    delta_softplus: bool = False,
+    initial_state: Tensor | None = None,
+    return_last_state: bool = False,
+    *,
+    kernel: str | None = "auto",
+):
+    """Mamba-1 selective scan (Mamba paper, Algorithm 2), mamba_ssm ``selective_scan_fn`` + initial state.
+
+    Args: u, delta, z (b,e,l); A (e,n); B, C (b,n,l) or (b,g,n,l); D, delta_bias (e,);
+    initial_state (b,e,n). Returns y (b,e,l) in u's dtype and, with ``return_last_state``, (y, h_l)
+    with h_l (b,e,n) fp32.
+    """
+    fn = _impl("selective_scan", kernel, u)
+    return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state)
+
+
+def ssd_chunk_scan(
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    chunk_size: int,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    initial_states: Tensor | None = None,
+    return_final_states: bool = False,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    *,
+    kernel: str | None = "auto",
+):
+    """Mamba-2 SSD scan (Mamba-2 paper, section 6), mamba_ssm ``mamba_chunk_scan_combined``.
+
+    Args: x, z (b,l,h,p); dt (b,l,h); A (h,); B, C (b,l,g,n); D (h,) or (h,p); dt_bias (h,);
+    initial_states (b,h,p,n). Returns y (b,l,h,p) and, if asked, (y, final state (b,h,p,n)).
+    """
+    fn = _impl("ssd_chunk_scan", kernel, x)
+    return fn(x, dt, A, B, C, chunk_size, D, z, initial_states, return_final_states, dt_bias, dt_softplus)
+
+
+def causal_conv1d(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    initial_states: Tensor | None = None,
+    return_final_states: bool = False,
+    activation: str | None = "silu",
+    *,
+    kernel: str | None = "auto",
+):
+    """Causal depthwise conv1d, causal_conv1d ``causal_conv1d_fn``.
+
+    Args: x (b,e,l); weight (e,k); bias (e,); initial_states (b,e,k-1), the inputs before x.
+    Returns y (b,e,l) and, if asked, (y, final_states (b,e,k-1)).
+    """
+    fn = _impl("causal_conv1d", kernel, x, cuda_ok=weight.shape[-1] in _CONV_WIDTHS)
+    return fn(x, weight, bias, initial_states, return_final_states, activation)
+
+
+def causal_conv1d_update(
+    x: Tensor,
+    conv_state: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    activation: str | None = "silu",
+    *,
+    kernel: str | None = "auto",
+):
+    """One conv step: x (b,e), conv_state (b,e,k-1) -> (y (b,e), new_state (b,e,k-1)); no mutation."""
+    ok = weight.shape[-1] in _CONV_WIDTHS and not _needs_grad(x, conv_state, weight, bias)
+    fn = _impl("causal_conv1d_update", kernel, x, cuda_ok=ok)
+    return fn(x, conv_state, weight, bias, activation)
+
+
+def selective_state_update(
+    state: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    *,
+    kernel: str | None = "auto",
+):
+    """One recurrent SSM step, mamba_ssm ``selective_state_update`` made functional.
+
+    Mamba-1: state (b,e,n), x/dt/z (b,e), A (e,n), B/C (b,n), D/dt_bias (e,).
+    Mamba-2: state (b,h,p,n), x/dt/z (b,h,p), A (h,p,n), B/C (b,g,n), D/dt_bias (h,p).
+    Returns (y like x, new_state like state); ``state`` is never modified.
+    """
+    ok = not _needs_grad(state, x, dt, A, B, C, D, z, dt_bias)
+    fn = _impl("selective_state_update", kernel, x, cuda_ok=ok)
+    return fn(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
+def fused_mamba_inner_available(kernel: str | None, x: Tensor, d_conv: int) -> bool:
+    """Whether ``mamba_inner`` (fused Mamba-1 conv+scan+projections) can run for ``x``."""
+    return kernel_family(kernel, x.device) == "cuda" and d_conv in _CONV_WIDTHS
+
+
+def mamba_inner(
+    xz: Tensor,
+    conv1d_weight: Tensor,
+    conv1d_bias: Tensor | None,
+    x_proj_weight: Tensor,
+    delta_proj_weight: Tensor,
+    out_proj_weight: Tensor,
+    out_proj_bias: Tensor | None,
+    A: Tensor,
+    D: Tensor,
+    delta_bias: Tensor,
+) -> Tensor:
+    """mamba_ssm ``mamba_inner_fn``: xz (b,2e,l) -> out (b,l,d). CUDA only (check the above first).
+
+    The weights are passed as tensors read at call time, so wrapped layers (LoRA's merged
+    ``.weight``) reach the kernel with their gradients.
+    """
+    from vlm_mamba.ops import cuda as _cuda
+
+    return _cuda.mamba_inner(
+        xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias,
+        A, D, delta_bias,
+    )  # fmt: skip

@@ -1,0 +1,118 @@
+"""Thin wrappers over mamba_ssm / causal_conv1d CUDA kernels, with the ``vlm_mamba.ops`` signatures.
+
+Only ``vlm_mamba.ops`` imports this module, and only after ``load()`` succeeded. What the kernels
+lack is added here without leaving the GPU:
+
+- ``selective_scan_fn`` takes no initial state. The scan is linear in its state, so a run from h0
+  equals the run from zero plus ``C_t . (exp(A * cumsum(delta)_t) * h0)`` at every step (and the
+  same decay times h0 on the last state); that term is added with plain tensor ops (autograd ok).
+- ``causal_conv1d_fn`` takes initial states only for channel-last inputs; prepending them to the
+  sequence and dropping the first k-1 outputs is exact for any layout.
+- The one-step kernels (``causal_conv1d_update``, ``selective_state_update``) update their state in
+  place; they get a clone, so the caller's state is never mutated.
+
+Shapes: ``b`` batch, ``l`` length, ``e`` channels, ``n`` state size, ``k`` conv width, ``h`` heads,
+``p`` head width, ``g`` groups.
+"""
+
+from __future__ import annotations
+
+import functools
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from vlm_mamba.ops.reference import _dt, _groups_to_channels
+
+
+@functools.cache
+def load() -> SimpleNamespace:
+    """Import the kernels once. Raises ImportError/RuntimeError saying what is missing."""
+    if not torch.cuda.is_available():
+        raise RuntimeError("torch.cuda.is_available() is False (no GPU or a CPU-only torch build)")
+    from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
+    from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn, selective_scan_fn
+    from mamba_ssm.ops.triton.selective_state_update import selective_state_update
+    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+
+    return SimpleNamespace(
+        causal_conv1d_fn=causal_conv1d_fn,
+        causal_conv1d_update=causal_conv1d_update,
+        mamba_inner_fn=mamba_inner_fn,
+        selective_scan_fn=selective_scan_fn,
+        selective_state_update=selective_state_update,
+        mamba_chunk_scan_combined=mamba_chunk_scan_combined,
+    )
+
+
+def causal_conv1d(x, weight, bias=None, initial_states=None, return_final_states=False, activation="silu"):
+    """x (b,e,l), weight (e,k), initial_states (b,e,k-1) -> y (b,e,l) [, final states (b,e,k-1)]."""
+    K = load()
+    k = weight.shape[-1]
+    xp = torch.cat([initial_states.to(x.dtype), x], dim=-1) if initial_states is not None else x
+    y = K.causal_conv1d_fn(xp, weight, bias, activation=activation)
+    if initial_states is not None:
+        y = y[..., k - 1 :]
+    if return_final_states:
+        full = xp if initial_states is not None else F.pad(x, (k - 1, 0))
+        return y, full[..., full.shape[-1] - (k - 1) :]
+    return y
+
+
+def causal_conv1d_update(x, conv_state, weight, bias=None, activation="silu"):
+    """x (b,e), conv_state (b,e,k-1) -> (y (b,e), new_state); the kernel updates a clone in place."""
+    state = conv_state.to(x.dtype).clone()
+    y = load().causal_conv1d_update(x, state, weight, bias, activation)
+    return y, state
+
+
+def selective_scan(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None,
+    return_last_state=False,
+):  # fmt: skip
+    """mamba_ssm ``selective_scan_fn`` plus ``initial_state`` (b,e,n), added by linearity (see top)."""
+    K = load()
+    if initial_state is None:
+        return K.selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    out = K.selective_scan_fn(u, delta, A, B, C, D, None, delta_bias, delta_softplus, return_last_state)
+    y, last = out if return_last_state else (out, None)
+    b, e, L = u.shape
+    dlt = _dt(delta, None if delta_bias is None else delta_bias[:, None], delta_softplus)  # (b,e,l) fp32
+    decay = torch.exp(torch.cumsum(dlt, dim=-1)[..., None] * A.float()[:, None, :])  # (b,e,l,n)
+    Cf = _groups_to_channels(C.float(), e)  # (b,e,n,l)
+    h0 = initial_state.float()
+    y = y.float() + torch.einsum("beln,ben,benl->bel", decay, h0, Cf)
+    if z is not None:
+        y = y * F.silu(z.float())
+    y = y.to(u.dtype)
+    if return_last_state:
+        return y, last.float() + decay[:, :, -1] * h0
+    return y
+
+
+def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """mamba_ssm's triton ``selective_state_update`` on a clone of ``state`` -> (y, new_state)."""
+    new_state = state.clone()
+    y = load().selective_state_update(new_state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    return y, new_state
+
+
+def ssd_chunk_scan(
+    x, dt, A, B, C, chunk_size, D=None, z=None, initial_states=None, return_final_states=False,
+    dt_bias=None, dt_softplus=False,
+):  # fmt: skip
+    """mamba_ssm ``mamba_chunk_scan_combined``: x (b,l,h,p), dt (b,l,h), B/C (b,l,g,n)."""
+    return load().mamba_chunk_scan_combined(
+        x, dt, A, B, C, chunk_size, D=D, z=z, dt_bias=dt_bias, initial_states=initial_states,
+        dt_softplus=dt_softplus, return_final_states=return_final_states,
+    )  # fmt: skip
+
+
+def mamba_inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight,
+                out_proj_bias, A, D, delta_bias):  # fmt: skip
+    """mamba_ssm ``mamba_inner_fn`` (conv + x_proj + dt_proj + scan + out_proj fused, Mamba-1)."""
+    return load().mamba_inner_fn(
+        xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias,
+        A, None, None, D, delta_bias=delta_bias, delta_softplus=True,
+    )  # fmt: skip

@@ -1,0 +1,48 @@
+"""Padding as an identity step: move each row's real tokens to the front, keep their order.
+
+A padded position must change neither the state nor any real output, wherever it falls (left
+padding, pads between a cached prefix and a prompt, a fuyu canvas). The mixers do it by a stable
+per-row permutation that puts the real tokens first. On the compacted, right-padded sequence a
+causal conv sees only real tokens before each real one, and a scan with dt = 0 at the trailing pads
+keeps its state (exp(0 * A) = 1, input 0), so the final SSM state is the one after the last real
+token; the final conv window is read at each row's real length. Outputs go back through the inverse
+permutation.
+
+Shapes: ``b`` batch, ``l`` length, ``e`` channels, ``k`` conv width.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def compact_by_mask(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """mask (b,l) bool, True = real -> (order (b,l), inverse (b,l), lengths (b,)).
+
+    ``x.gather(1, order)`` puts the real tokens first in their original order; gathering the result
+    with ``inverse`` restores the original positions.
+    """
+    if mask.dim() != 2:
+        raise ValueError(f"mask must be (batch, length), got shape {tuple(mask.shape)}")
+    order = torch.argsort((~mask.bool()).to(torch.int8), dim=1, stable=True)  # (b,l)
+    inverse = torch.argsort(order, dim=1)
+    return order, inverse, mask.sum(dim=1)
+
+
+def expand_index(idx: Tensor, x: Tensor) -> Tensor:
+    """idx (b,l) -> (b,l,*x.shape[2:]) for ``x.gather(1, ...)`` on a (b,l,...) tensor."""
+    return idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(*idx.shape, *x.shape[2:])
+
+
+def conv_window(x: Tensor, initial_states: Tensor | None, lengths: Tensor, width: int) -> Tensor:
+    """The conv state after each row's real tokens: the last k-1 inputs among [initial, x[:length]].
+
+    Args: x (b,e,l) conv input with real tokens first; initial_states (b,e,k-1) or None (zeros);
+    lengths (b,); width k. Returns (b,e,k-1).
+    """
+    b, e, L = x.shape
+    init = initial_states.to(x.dtype) if initial_states is not None else x.new_zeros(b, e, width - 1)
+    xp = torch.cat([init, x], dim=-1)  # (b,e,k-1+l); real inputs end at k-1+length
+    idx = lengths[:, None] + torch.arange(width - 1, device=x.device)  # (b,k-1)
+    return xp.gather(2, idx[:, None, :].expand(b, e, width - 1))
