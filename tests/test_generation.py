@@ -1,0 +1,225 @@
+"""Generation: batched == one by one, cache == recompute, image-state cache, beams, sampling."""
+
+import pytest
+import torch
+
+from vlm_mamba import create_model
+from vlm_mamba.generation import GenerationConfig, filter_logits
+
+EOS = 3
+PAD = 0
+
+
+def _model(**kw):
+    torch.manual_seed(0)
+    return create_model("tiny", eos_token_id=EOS, pad_token_id=PAD, **kw).eval()
+
+
+def _left_pad(prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    n = max(map(len, prompts))
+    ids = torch.full((len(prompts), n), PAD, dtype=torch.long)
+    mask = torch.zeros(len(prompts), n, dtype=torch.long)
+    for i, p in enumerate(prompts):
+        ids[i, n - len(p) :] = torch.tensor(p)
+        mask[i, n - len(p) :] = 1
+    return ids, mask
+
+
+def _strip(row: torch.Tensor) -> list[int]:
+    out = []
+    for t in row.tolist():
+        out.append(t)
+        if t == EOS:
+            break
+    return out
+
+
+PROMPTS = [[1, 17, 42], [1, 9], [1, 5, 6, 7, 8, 11], [1]]
+
+
+@pytest.mark.parametrize("ssm", ["mamba1", "mamba2"])
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_batched_generation_equals_one_by_one(ssm, num_beams):
+    model = _model(language={"ssm": ssm})
+    images = torch.randn(len(PROMPTS), 3, 32, 32)
+    ids, mask = _left_pad(PROMPTS)
+    batched = model.generate(images, ids, mask, max_new_tokens=8, num_beams=num_beams)
+    for i, p in enumerate(PROMPTS):
+        alone = model.generate(images[i : i + 1], torch.tensor([p]), max_new_tokens=8, num_beams=num_beams)
+        assert _strip(batched[i]) == _strip(alone[0]), f"row {i}"
+
+
+def test_cached_state_generation_equals_recomputation():
+    """Greedy decoding through the recurrent state equals re-running the full sequence each step."""
+    model = _model()
+    images = torch.randn(2, 3, 32, 32)
+    ids, mask = _left_pad(PROMPTS[:2])
+    out = model.generate(images, ids, mask, max_new_tokens=6)
+    for i, p in enumerate(PROMPTS[:2]):
+        seq = list(p)
+        for _ in range(6):
+            logits = model(images[i : i + 1], torch.tensor([seq])).logits[0, -1]
+            seq.append(int(logits.argmax()))
+            if seq[-1] == EOS:
+                break
+        assert _strip(out[i]) == seq[len(p) :]
+
+
+@pytest.mark.parametrize("vision_mode", ["encoder", "fuyu"])
+def test_image_state_cache_equals_no_cache_with_forked_questions(vision_mode):
+    """Five questions of different lengths forked from two cached images == full recomputation."""
+    model = _model(vision_mode=vision_mode)
+    images = torch.randn(2, 3, 32, 32)
+    prompts = [[1, 4, 5], [1, 6, 7, 8, 9, 10], [1, 11], [1, 12, 13, 14], [1]]
+    image_index = torch.tensor([0, 0, 0, 1, 1])
+    ids, mask = _left_pad(prompts)
+    cached = model.generate(images, ids, mask, image_index=image_index, max_new_tokens=6)
+    fresh = model.generate(
+        images, ids, mask, image_index=image_index, max_new_tokens=6, use_image_cache=False
+    )
+    assert torch.equal(cached, fresh)
+    state = model.prefill_images(images)
+    reused = model.generate(None, ids, mask, image_index=image_index, image_state=state, max_new_tokens=6)
+    assert torch.equal(reused, cached)
+    for i, p in enumerate(prompts):
+        alone = model.generate(
+            images[image_index[i] : image_index[i] + 1], torch.tensor([p]), max_new_tokens=6
+        )
+        assert _strip(cached[i]) == _strip(alone[0])
+
+
+def test_beam_width_one_equals_greedy():
+    model = _model()
+    images = torch.randn(3, 3, 32, 32)
+    ids, mask = _left_pad(PROMPTS[:3])
+    greedy = model.generate(images, ids, mask, max_new_tokens=10)
+    beam1 = model.generate(images, ids, mask, max_new_tokens=10, num_beams=1)
+    assert torch.equal(greedy, beam1)
+    from vlm_mamba.generation import _beam_search
+
+    def step_fn(tok, st):
+        o = model.language.step(input_ids=tok, state=st)
+        return o.logits, o.state
+
+    txt = model.language.embed(ids)
+    st = model.prefill_images(images)
+    o = model.language(inputs_embeds=txt, attention_mask=mask.bool(), state=st, return_state=True)
+    b1 = _beam_search(
+        step_fn, o.state, o.logits[:, -1], GenerationConfig(max_new_tokens=10, num_beams=1, eos_token_id=EOS)
+    )
+    assert [_strip(r) for r in b1] == [_strip(r) for r in greedy]
+
+
+class _MarkovState:
+    def __init__(self, last):
+        self.last = last
+
+    def index_select(self, idx):
+        return _MarkovState(self.last[idx])
+
+    def repeat_interleave(self, n):
+        return _MarkovState(self.last.repeat_interleave(n))
+
+
+def test_wide_beam_search_equals_exhaustive_search():
+    """On a random Markov chain, a beam as wide as the search space finds the most likely sequence,
+    which greedy decoding generally does not."""
+    from itertools import product
+
+    from vlm_mamba.generation import decode
+
+    g = torch.Generator().manual_seed(3)
+    V, n = 4, 4
+    T = torch.randn(V, V, V, generator=g) * 2  # logits of the next token given the last two
+    first = torch.randn(4, V, generator=g) * 2  # (b, V) logits after each prompt
+
+    def step(tok, st):  # the state carries the token before ``tok``: beams must reorder it
+        return T[st.last, tok], _MarkovState(tok)
+
+    def score(row, seq):
+        lp, logits, prev = 0.0, first[row], 0
+        for t in seq:
+            lp += float(logits.log_softmax(-1)[t])
+            logits, prev = T[prev, t], t
+        return lp
+
+    cfg = GenerationConfig(max_new_tokens=n, num_beams=V ** (n - 1), eos_token_id=None, length_penalty=0.0)
+    out = decode(step, _MarkovState(torch.zeros(4, dtype=torch.long)), first, cfg)
+    for row in range(4):
+        best = max(product(range(V), repeat=n), key=lambda s: score(row, s))
+        assert tuple(out[row].tolist()) == best
+
+
+def test_sampling_is_seeded_and_filters():
+    model = _model()
+    images = torch.randn(2, 3, 32, 32)
+    ids, mask = _left_pad(PROMPTS[:2])
+    a = model.generate(
+        images, ids, mask, do_sample=True, top_k=20, top_p=0.9, temperature=0.8, seed=7, max_new_tokens=6
+    )
+    b = model.generate(
+        images, ids, mask, do_sample=True, top_k=20, top_p=0.9, temperature=0.8, seed=7, max_new_tokens=6
+    )
+    assert torch.equal(a, b)
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0]])
+    assert torch.isinf(filter_logits(logits, 1.0, 2, 1.0)[0, :3]).all()
+    kept = torch.isfinite(filter_logits(logits, 1.0, 0, 0.7)[0])
+    probs = logits.softmax(-1)[0]
+    assert kept.tolist() == [False, False, False, True, True] and probs[3:].sum() >= 0.7
+    # top_k=1 sampling is greedy
+    g = model.generate(images, ids, mask, max_new_tokens=6)
+    s = model.generate(images, ids, mask, do_sample=True, top_k=1, seed=1, max_new_tokens=6)
+    assert torch.equal(g, s)
+
+
+class _CountdownState:
+    """A fake recurrent state: row i emits EOS after ``stop[i]`` tokens (token = 10 + step)."""
+
+    def __init__(self, step, stop):
+        self.step, self.stop = step, stop
+
+    def index_select(self, idx):
+        return _CountdownState(self.step[idx], self.stop[idx])
+
+    def repeat_interleave(self, n):
+        return _CountdownState(self.step.repeat_interleave(n), self.stop.repeat_interleave(n))
+
+
+def _countdown_logits(st):
+    logits = torch.full((len(st.step), 32), -10.0)
+    tok = torch.where(st.step >= st.stop, torch.full_like(st.step, EOS), 10 + st.step)
+    logits[torch.arange(len(tok)), tok] = 10.0
+    return logits
+
+
+def _countdown_step(tok, st):
+    nxt = _CountdownState(st.step + 1, st.stop)
+    return _countdown_logits(nxt), nxt
+
+
+@pytest.mark.parametrize("num_beams", [1, 2])
+def test_stops_per_row_at_eos_and_pads_after(num_beams):
+    from vlm_mamba.generation import decode
+
+    st = _CountdownState(torch.zeros(3, dtype=torch.long), torch.tensor([2, 5, 0]))
+    cfg = GenerationConfig(max_new_tokens=8, num_beams=num_beams, eos_token_id=EOS, pad_token_id=PAD)
+    out = decode(_countdown_step, st, _countdown_logits(st), cfg).tolist()
+    assert out[0][:3] == [10, 11, EOS] and set(out[0][3:]) <= {PAD}
+    assert out[1][:6] == [10, 11, 12, 13, 14, EOS] and set(out[1][6:]) <= {PAD}
+    assert out[2][0] == EOS and set(out[2][1:]) <= {PAD}
+    # without an EOS id every row runs to max_new_tokens
+    cfg = GenerationConfig(max_new_tokens=4, num_beams=num_beams, eos_token_id=None)
+    st = _CountdownState(torch.zeros(2, dtype=torch.long), torch.tensor([9, 9]))
+    assert decode(_countdown_step, st, _countdown_logits(st), cfg).shape == (2, 4)
+
+
+def test_generation_config_rejects_bad_values():
+    for bad in [
+        {"max_new_tokens": 0},
+        {"num_beams": 0},
+        {"temperature": 0},
+        {"top_p": 0},
+        {"do_sample": True, "num_beams": 2},
+    ]:
+        with pytest.raises(ValueError):
+            GenerationConfig(**bad)

@@ -1,0 +1,228 @@
+"""VLMamba: the seed's API, vision modes, loss, trainability, LoRA, save/load."""
+
+import pytest
+import torch
+
+from vlm_mamba import (
+    BridgerConfig,
+    LanguageConfig,
+    LoRAConfig,
+    VisionConfig,
+    VLMamba,
+    VLMambaConfig,
+    create_model,
+    get_config,
+)
+from vlm_mamba.layers.lora import LoRALinear
+
+
+def _tiny(**kw) -> VLMamba:
+    torch.manual_seed(0)
+    return create_model("tiny", **kw).eval()
+
+
+@pytest.mark.parametrize("mode", ["encoder", "fuyu"])
+def test_seed_snippet_small(mode):
+    vision_cfg = VisionConfig(img_size=64, patch_size=16, d_model=48, n_layers=2)
+    language_cfg = LanguageConfig(vocab_size=50257, d_model=64, n_layers=2)
+    bridger_cfg = BridgerConfig(d_model=64, expansion_factor=4)
+    config = VLMambaConfig(vision=vision_cfg, language=language_cfg, bridger=bridger_cfg, vision_mode=mode)
+    model = VLMamba(config)
+    output = model(torch.randn(1, 3, 64, 64), torch.randint(0, 50257, (1, 12)))
+    assert output.logits.shape == (1, 12, 50257)
+    assert torch.isfinite(output.logits).all()
+    config.lora = LoRAConfig(rank=8, alpha=16)
+    model = VLMamba(config)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.startswith("bridger.") or mode == "fuyu" for n in trainable)
+    assert any("lora_A" in n for n in trainable)
+
+
+def test_seed_snippet_exact_sizes():
+    """The seed's code as written, at its sizes (224 px, patch 16, width 768, 12 + 12 layers)."""
+    vision_cfg = VisionConfig(img_size=224, patch_size=16, d_model=768, n_layers=12)
+    language_cfg = LanguageConfig(vocab_size=50257, d_model=768, n_layers=12)
+    bridger_cfg = BridgerConfig(d_model=768, expansion_factor=4)
+    config = VLMambaConfig(
+        vision=vision_cfg, language=language_cfg, bridger=bridger_cfg, vision_mode="encoder"
+    )
+    model = VLMamba(config)
+    with torch.no_grad():
+        output = model(torch.randn(1, 3, 224, 224), torch.randint(0, 50257, (1, 64)))
+    assert output.logits.shape == (1, 64, 50257)
+    counts = model.num_parameters()
+    assert counts["total"] == sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    assert counts["total"] == counts["vision"] + counts["bridger"] + counts["language"]
+    assert counts["total"] > 37_000_000 * 2  # the seed's "~37M" is wrong; README has the measured figure
+
+
+def test_loss_counts_target_tokens_only():
+    model = _tiny()
+    images = torch.randn(2, 3, 32, 32)
+    ids = torch.randint(1, 500, (2, 9))
+    labels = ids.clone()
+    labels[:, :4] = -100
+    out = model(images, ids, labels=labels)
+    # reference: the text logits predict the next token; targets are labels[:, 1:]
+    ref = torch.nn.functional.cross_entropy(
+        out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), labels[:, 1:].reshape(-1)
+    )
+    torch.testing.assert_close(out.loss, ref, atol=1e-5, rtol=1e-5)
+    # a change to a prompt-only label does not move the loss; a target one does
+    labels2 = labels.clone()
+    labels2[:, 5] = (labels2[:, 5] + 1) % 500
+    assert not torch.allclose(model(images, ids, labels=labels2).loss, out.loss)
+
+
+def test_right_padding_does_not_change_real_positions():
+    model = _tiny()
+    images = torch.randn(2, 3, 32, 32)
+    ids = torch.randint(1, 500, (2, 10))
+    mask = torch.ones(2, 10, dtype=torch.long)
+    mask[1, 6:] = 0
+    out = model(images, ids, attention_mask=mask).logits
+    alone = model(images[1:], ids[1:, :6]).logits
+    torch.testing.assert_close(out[1, :6], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_fuyu_rows_independent_of_canvas_neighbours():
+    model = _tiny(vision_mode="fuyu")
+    small = torch.randn(1, 3, 16, 24)
+    big = torch.randn(1, 3, 40, 32)
+    canvas = torch.zeros(2, 3, 40, 32)
+    canvas[0, :, :16, :24] = small[0]
+    canvas[1] = big[0]
+    sizes = torch.tensor([[16, 24], [40, 32]])
+    ids = torch.randint(1, 500, (2, 7))
+    batched = model(canvas, ids, image_sizes=sizes).logits
+    alone = model(small, ids[:1]).logits
+    torch.testing.assert_close(batched[0], alone[0], atol=1e-5, rtol=1e-5)
+    # garbage in the padded canvas area changes nothing
+    canvas2 = canvas.clone()
+    canvas2[0, :, 16:, :] = 5.0
+    torch.testing.assert_close(model(canvas2, ids, image_sizes=sizes).logits, batched, atol=1e-5, rtol=1e-5)
+
+
+def test_encoder_other_image_size_interpolates_positions():
+    model = _tiny()
+    out = model(torch.randn(1, 3, 48, 40), torch.randint(1, 500, (1, 5)))
+    assert out.logits.shape == (1, 5, 512) and torch.isfinite(out.logits).all()
+
+
+def test_text_first_order_places_image_after_prompt():
+    model = _tiny(prompt_order="text_first")
+    images = torch.randn(1, 3, 32, 32)
+    ids = torch.randint(1, 500, (1, 8))
+    labels = ids.clone()
+    labels[:, :3] = -100
+    out = model(images, ids, labels=labels)
+    assert torch.isfinite(out.loss)
+    # the prompt positions do not see the image; the targets do
+    other = model(torch.randn(1, 3, 32, 32), ids, labels=labels)
+    torch.testing.assert_close(out.logits[:, :3], other.logits[:, :3])
+    assert not torch.allclose(out.logits[:, 3:], other.logits[:, 3:])
+
+
+MODES = {
+    "full": {},
+    "freeze_vision": {"freeze_vision": True},
+    "freeze_language": {"freeze_language": True},
+    "bridge_only": {"freeze_vision": True, "freeze_language": True},
+    "lora_language": {"lora": {"rank": 4, "targets": ["in_proj", "out_proj", "x_proj", "dt_proj"]}},
+    "lora_both": {"lora": {"rank": 4, "apply_to": "both"}},
+    "lora_no_bridge": {"lora": {"rank": 4, "train_bridge": False}},
+}
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+@pytest.mark.parametrize("vision_mode", ["encoder", "fuyu"])
+def test_trainability(mode, vision_mode):
+    model = _tiny(vision_mode=vision_mode, **MODES[mode]).train()
+    if "lora" in mode:  # non-zero B so gradients reach A as well
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                torch.nn.init.normal_(m.lora_B, std=0.02)
+    images = torch.randn(2, 3, 32, 32)
+    ids = torch.randint(1, 500, (2, 6))
+    model(images, ids, labels=ids).loss.backward()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable, "nothing trainable"
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None and torch.isfinite(p.grad).all(), f"{n} has no gradient"
+        else:
+            assert p.grad is None, f"frozen {n} got a gradient"
+    cfg = model.config
+    if cfg.freeze_vision:
+        assert not any(n.startswith("vision.") for n in trainable)
+    if cfg.freeze_language:
+        assert not any(n.startswith("language.") for n in trainable)
+    if cfg.lora is not None:
+        assert all("lora_" in n or n.startswith(("bridger.", "vision.")) for n in trainable)
+        assert any(n.startswith("bridger.") for n in trainable) == cfg.lora.train_bridge
+
+
+def test_lora_zero_init_unchanged_then_merge_unmerge_and_plain_checkpoint(tmp_path):
+    torch.manual_seed(0)
+    base = create_model("tiny").eval()
+    cfg = get_config("tiny", lora={"rank": 4, "targets": ["in_proj", "out_proj", "x_proj", "dt_proj"]})
+    lora = VLMamba(cfg).eval()
+    missing, unexpected = lora.load_state_dict(_to_lora_keys(base.state_dict(), lora), strict=False)
+    assert all("lora_" in k for k in missing) and not unexpected
+    images, ids = torch.randn(2, 3, 32, 32), torch.randint(1, 500, (2, 7))
+    ref = base(images, ids).logits
+    torch.testing.assert_close(lora(images, ids).logits, ref)  # B = 0 at init
+    for m in lora.modules():
+        if isinstance(m, LoRALinear):
+            torch.nn.init.normal_(m.lora_B, std=0.05)
+    adapted = lora(images, ids).logits
+    assert not torch.allclose(adapted, ref, atol=1e-4)
+    lora.merge_lora()
+    torch.testing.assert_close(lora(images, ids).logits, adapted, atol=1e-5, rtol=1e-5)
+    lora.unmerge_lora()
+    torch.testing.assert_close(lora(images, ids).logits, adapted, atol=1e-5, rtol=1e-5)
+    lora.merge_lora(unload=True)
+    assert lora.config.lora is None and not lora.has_lora
+    lora.save_pretrained(tmp_path / "merged")
+    plain = VLMamba.from_pretrained(tmp_path / "merged").eval()
+    assert not plain.has_lora
+    torch.testing.assert_close(plain(images, ids).logits, adapted, atol=1e-5, rtol=1e-5)
+
+
+def _to_lora_keys(sd, lora_model):
+    names = set(lora_model.state_dict())
+    out = {}
+    for k, v in sd.items():
+        if k in names:
+            out[k] = v
+        else:
+            stem, leaf = k.rsplit(".", 1)
+            out[f"{stem}.base.{leaf}"] = v
+    return out
+
+
+@pytest.mark.parametrize(
+    "overrides", [{}, {"vision_mode": "fuyu", "language": {"ssm": "mamba2"}}, {"lora": {"rank": 2}}]
+)
+def test_save_pretrained_round_trip(tmp_path, overrides):
+    model = _tiny(**overrides)
+    tok = tmp_path / "tokenizer.json"
+    tok.write_text('{"dummy": true}')
+    model.save_pretrained(tmp_path / "m", tokenizer=tok)
+    assert {p.name for p in (tmp_path / "m").iterdir()} == {
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+    }
+    loaded = VLMamba.from_pretrained(tmp_path / "m").eval()
+    assert loaded.config == model.config
+    images, ids = torch.randn(2, 3, 32, 32), torch.randint(1, 500, (2, 5))
+    torch.testing.assert_close(loaded(images, ids).logits, model(images, ids).logits, atol=0, rtol=0)
+    # a rerun over an existing directory is safe
+    model.save_pretrained(tmp_path / "m")
+    assert not (tmp_path / "m.tmp").exists()
+
+
+def test_from_pretrained_reports_missing_directory(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        VLMamba.from_pretrained(tmp_path / "nope")

@@ -1,0 +1,161 @@
+"""Recurrent decoding: greedy, beam search and sampling over a Mamba state.
+
+Glossary: ``b`` rows (prompts), ``k`` beams, ``V`` vocabulary, ``n`` new tokens.
+
+A Mamba language model decodes with a fixed-size state per row (conv window + SSM state), so
+memory per generated token is constant and a beam step is a gather of that state
+(``InferenceState.index_select``), as in mamba_ssm's ``utils/generation.py``. The decoders here
+only see a ``step_fn(tokens (b,), state) -> (logits (b, V), state)`` and the logits of the last
+prompt position; the model decides how prompts and images are prefilled.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+StepFn = Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]]
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding options. ``num_beams > 1`` is beam search; ``do_sample`` samples; else greedy."""
+
+    max_new_tokens: int = 20
+    num_beams: int = 1
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    eos_token_id: int | None = None
+    pad_token_id: int = 0
+    length_penalty: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.num_beams < 1:
+            raise ValueError(f"num_beams must be >= 1, got {self.num_beams}")
+        if self.do_sample and self.num_beams > 1:
+            raise ValueError("do_sample=True with num_beams > 1 (beam sampling) is not supported")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+
+
+def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Temperature, then top-k, then nucleus (top-p) filtering (Holtzman et al. 2020); (b, V) -> (b, V)."""
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (b, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
+    return logits
+
+
+@torch.no_grad()
+def decode(step_fn: StepFn, state: Any, logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
+    """Generate from ``logits`` (b, V) of the last prompt position and the state after it.
+
+    Returns (b, n) token ids; each row stops at its EOS (kept), then ``pad_token_id``.
+    """
+    if cfg.num_beams > 1:
+        return _beam_search(step_fn, state, logits, cfg)
+    gen = None
+    if cfg.do_sample and cfg.seed is not None:
+        gen = torch.Generator(device=logits.device).manual_seed(cfg.seed)
+    b = logits.shape[0]
+    done = torch.zeros(b, dtype=torch.bool, device=logits.device)
+    out = []
+    for i in range(cfg.max_new_tokens):
+        if cfg.do_sample:
+            probs = filter_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
+            tok = torch.multinomial(probs, 1, generator=gen).squeeze(1)  # (b,)
+        else:
+            tok = logits.argmax(-1)  # (b,)
+        tok = tok.masked_fill(done, cfg.pad_token_id)
+        out.append(tok)
+        if cfg.eos_token_id is not None:
+            done |= tok == cfg.eos_token_id
+        if bool(done.all()) or i == cfg.max_new_tokens - 1:
+            break
+        logits, state = step_fn(tok, state)
+    return torch.stack(out, dim=1)
+
+
+def _beam_search(step_fn: StepFn, state: Any, logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
+    """Beam search with early stopping: a row is done once it holds ``num_beams`` finished hypotheses.
+
+    Finished hypotheses are ranked by ``sum log p / length ** length_penalty``. With one beam this
+    is exactly greedy decoding (the best candidate is always taken; an EOS ends the row).
+    """
+    b, V = logits.shape
+    k = cfg.num_beams
+    dev = logits.device
+    eos = cfg.eos_token_id
+    state = state.repeat_interleave(k)  # (b*k, ...)
+    logp = logits.float().log_softmax(-1).repeat_interleave(k, dim=0)  # (b*k, V)
+    beam_scores = torch.zeros(b, k, device=dev)
+    beam_scores[:, 1:] = float("-inf")  # all beams start equal: keep one so candidates are distinct
+    seqs = torch.empty(b * k, 0, dtype=torch.long, device=dev)
+    hyps: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(b)]
+    done = [False] * b
+    for step in range(cfg.max_new_tokens):
+        cand = (beam_scores.view(-1, 1) + logp).view(b, k * V)  # (b, k*V)
+        top_s, top_i = cand.topk(2 * k, dim=1)  # (b, 2k)
+        top_beam, top_tok = top_i // V, top_i % V
+        next_s = torch.zeros(b, k, device=dev)
+        next_t = torch.full((b, k), cfg.pad_token_id, dtype=torch.long, device=dev)
+        next_b = torch.zeros(b, k, dtype=torch.long, device=dev)
+        top_s_l, top_beam_l, top_tok_l = top_s.tolist(), top_beam.tolist(), top_tok.tolist()
+        for i in range(b):
+            if done[i]:
+                continue
+            n_kept = 0
+            for rank, (s, bi, t) in enumerate(zip(top_s_l[i], top_beam_l[i], top_tok_l[i])):
+                if eos is not None and t == eos:
+                    if rank < k:
+                        seq = torch.cat([seqs[i * k + bi], seqs.new_tensor([eos])])
+                        hyps[i].append((s / (step + 1) ** cfg.length_penalty, seq))
+                    continue
+                next_s[i, n_kept], next_t[i, n_kept], next_b[i, n_kept] = s, t, bi
+                n_kept += 1
+                if n_kept == k:
+                    break
+            if len(hyps[i]) >= k:
+                done[i] = True
+        if all(done):
+            break
+        flat = (torch.arange(b, device=dev)[:, None] * k + next_b).view(-1)  # (b*k,) parent beams
+        seqs = torch.cat([seqs[flat], next_t.view(-1, 1)], dim=1)
+        beam_scores = next_s
+        if step == cfg.max_new_tokens - 1:
+            break
+        state = state.index_select(flat)
+        logits, state = step_fn(next_t.view(-1), state)
+        logp = logits.float().log_softmax(-1)
+    for i in range(b):
+        if not done[i]:
+            n = seqs.shape[1]
+            for j in range(k):
+                s = float(beam_scores[i, j])
+                if s > float("-inf"):
+                    hyps[i].append((s / max(n, 1) ** cfg.length_penalty, seqs[i * k + j]))
+    best = [max(h, key=lambda x: x[0])[1] for h in hyps]
+    n = max(len(t) for t in best)
+    out = torch.full((b, n), cfg.pad_token_id, dtype=torch.long, device=dev)
+    for i, t in enumerate(best):
+        out[i, : len(t)] = t
+    return out

@@ -1,0 +1,358 @@
+"""VLMamba: image -> (VisionMamba | Fuyu patch projection) -> BridgerFFN -> LanguageMamba.
+
+Glossary: ``b`` batch, ``p`` image tokens, ``t`` text tokens, ``l`` = p + t, ``d`` language width,
+``V`` vocabulary, ``n`` images (with ``b`` prompts pointing into them through ``image_index``).
+
+The image tokens are prepended to the text (``prompt_order="image_first"``, the default: a causal
+scan must read the image before the question), or placed after the prompt
+(``"text_first"``: [prompt][image][target]). Padding anywhere (fuyu canvas patches, text pads,
+left-padded prompts after a cached image state) is an identity step of the language model, so a
+batch equals its rows run one by one.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import VLMambaConfig
+from ..generation import GenerationConfig, decode
+from ..layers.bridger import BridgerFFN
+from ..layers.lora import inject_lora, lora_modules, merge_lora, unmerge_lora
+from ..layers.patch_embed import FuyuPatchProjection
+from .language import LanguageMamba
+from .vision import VisionMamba
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+TOKENIZER_NAME = "tokenizer.json"
+
+
+@dataclass
+class VLMambaOutput:
+    """``logits`` (b, t, V): the language model's output at each text position (predicting the
+    next token); ``loss``: mean cross-entropy over target tokens (labels != -100)."""
+
+    logits: torch.Tensor
+    loss: torch.Tensor | None = None
+
+
+class VLMamba(nn.Module):
+    """The vision-language model. ``model(image, text_tokens)`` returns a :class:`VLMambaOutput`."""
+
+    def __init__(self, config: VLMambaConfig) -> None:
+        super().__init__()
+        self.config = config
+        v = config.vision
+        if config.vision_mode == "encoder":
+            self.vision: nn.Module = VisionMamba(v)
+        else:
+            self.vision = FuyuPatchProjection(v.patch_size, v.in_chans, v.d_model)
+        self.bridger = BridgerFFN.from_config(config)
+        self.language = LanguageMamba(config.language)
+        self.lora_targets: list[str] = []
+        if config.lora is not None:
+            self._add_lora()
+        self._apply_freezing()
+
+    # ------------------------------------------------------------------ set-up
+    def _add_lora(self) -> None:
+        lora = self.config.lora
+        if lora.apply_to in ("language", "both"):
+            self.lora_targets += [f"language.{n}" for n in inject_lora(self.language, lora)]
+        if lora.apply_to in ("vision", "both") and self.config.vision_mode == "encoder":
+            self.lora_targets += [f"vision.{n}" for n in inject_lora(self.vision, lora)]
+
+    def _apply_freezing(self) -> None:
+        """Training stages: LoRA trains only the adapters (+ the connector); else the freeze flags.
+
+        In fuyu mode the patch projection has no pretrained weights: it is part of the connector
+        and trains with the bridge.
+        """
+        cfg = self.config
+        if cfg.lora is not None:
+            for name, p in self.named_parameters():
+                p.requires_grad_("lora_A" in name or "lora_B" in name)
+            if cfg.lora.train_bridge:
+                self.bridger.requires_grad_(True)
+                if cfg.vision_mode == "fuyu":
+                    self.vision.requires_grad_(True)
+        if cfg.freeze_vision:
+            self.vision.requires_grad_(False)
+        if cfg.freeze_language:
+            self.language.requires_grad_(False)
+
+    # ------------------------------------------------------------------ images
+    def encode_images(
+        self, images: torch.Tensor, image_sizes: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(n, c, H, W) -> image tokens in language width (n, p, d) and their mask (n, p) bool."""
+        if self.config.vision_mode == "encoder":
+            feats = self.vision(images)  # (n, p, d_vis)
+            mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
+        else:
+            feats, mask = self.vision(images, image_sizes)  # (n, p, d_vis), (n, p)
+        return self.bridger(feats), mask
+
+    # ------------------------------------------------------------------ training forward
+    def forward(
+        self,
+        images: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+    ) -> VLMambaOutput:
+        """Teacher-forced pass over [image][text] (or [prompt][image][target]).
+
+        Args:
+            images: (b, c, H, W); fuyu: a canvas with ``image_sizes`` (b, 2).
+            input_ids: (b, t), right padded.
+            attention_mask: (b, t) 1 on real tokens; None = all real.
+            labels: (b, t) aligned with ``input_ids``; -100 on prompt and padding.
+        """
+        b, t = input_ids.shape
+        img, img_mask = self.encode_images(images, image_sizes)  # (b, p, d), (b, p)
+        txt = self.language.embed(input_ids)  # (b, t, d)
+        tmask = (
+            torch.ones(b, t, dtype=torch.bool, device=input_ids.device)
+            if attention_mask is None
+            else attention_mask.bool()
+        )
+        split = self._text_before_image(tmask, labels)  # (b,)
+        emb, mask, text_pos = _interleave(txt, tmask, img, img_mask, split)  # (b, l, d), (b, l), (b, t)
+        hidden = self.language(
+            inputs_embeds=emb, attention_mask=_none_if_all(mask)
+        ).hidden_states  # (b, l, d)
+        text_hidden = _gather_time(hidden, text_pos)  # (b, t, d)
+        logits = self.language._logits(text_hidden)  # (b, t, V)
+        loss = None
+        if labels is not None:
+            # the prediction of text token i is made at the position just before it
+            pred = _gather_time(hidden, (text_pos - 1).clamp_min(0))  # (b, t, d)
+            target_mask = labels != -100
+            target_mask[:, 0] &= text_pos[:, 0] > 0
+            loss = (
+                F.cross_entropy(self.language._logits(pred[target_mask]).float(), labels[target_mask])
+                if target_mask.any()
+                else logits.sum() * 0.0
+            )
+        return VLMambaOutput(logits=logits, loss=loss)
+
+    def _text_before_image(self, tmask: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        """(b,) number of text positions placed before the image tokens."""
+        b, t = tmask.shape
+        if self.config.prompt_order == "image_first":
+            return torch.zeros(b, dtype=torch.long, device=tmask.device)
+        if labels is None:  # no prompt/target split known: all the text, then the image
+            return torch.full((b,), t, dtype=torch.long, device=tmask.device)
+        is_target = (labels != -100) & tmask  # the prompt is everything before the first target
+        first = torch.where(is_target.any(1), is_target.float().argmax(1), tmask.sum(1))
+        return first.long()
+
+    # ------------------------------------------------------------------ generation
+    @torch.no_grad()
+    def prefill_images(
+        self,
+        images: torch.Tensor,
+        image_sizes: torch.Tensor | None = None,
+        prefix_ids: torch.Tensor | None = None,
+    ):
+        """The image-state cache: run the language model over each image's tokens (and an
+        optional fixed prompt prefix (s,)) once, returning the state (an ``InferenceState`` of n
+        rows) to fork for any number of prompts (VQAv2 asks ~5 questions per image)."""
+        if self.config.prompt_order != "image_first":
+            raise ValueError("the image-state cache needs prompt_order='image_first'")
+        img, img_mask = self.encode_images(images, image_sizes)
+        if prefix_ids is not None:
+            pre = self.language.embed(prefix_ids.view(1, -1).expand(img.shape[0], -1))
+            img = torch.cat([img, pre], dim=1)
+            img_mask = torch.cat(
+                [img_mask, torch.ones(pre.shape[:2], dtype=torch.bool, device=pre.device)], 1
+            )
+        out = self.language(inputs_embeds=img, attention_mask=_none_if_all(img_mask), return_state=True)
+        return out.state
+
+    @torch.no_grad()
+    def generate(
+        self,
+        images: torch.Tensor | None,
+        prompt_ids: torch.Tensor,
+        prompt_mask: torch.Tensor | None = None,
+        image_sizes: torch.Tensor | None = None,
+        image_index: torch.Tensor | None = None,
+        image_state: Any = None,
+        use_image_cache: bool = True,
+        **gen_kwargs: Any,
+    ) -> torch.Tensor:
+        """Batched decoding for (b) prompts about (n) images.
+
+        Args:
+            images: (n, c, H, W), or None when ``image_state`` (from :meth:`prefill_images`) is given.
+            prompt_ids: (b, s) LEFT padded; ``prompt_mask`` (b, s) 1 on real tokens.
+            image_index: (b,) the image row of each prompt; None = prompt i asks about image i.
+            use_image_cache: prefill each image once and fork its state (image_first only); False
+                recomputes [image][prompt] for every prompt (same result, the test's reference).
+            gen_kwargs: :class:`GenerationConfig` fields; ``eos_token_id`` / ``pad_token_id``
+                default to the model config's.
+
+        Returns:
+            (b, n_new) token ids: each row ends at its EOS, then padding.
+        """
+        gen_kwargs.setdefault("eos_token_id", self.config.eos_token_id)
+        gen_kwargs.setdefault("pad_token_id", self.config.pad_token_id)
+        gcfg = GenerationConfig(**gen_kwargs)
+        b, s = prompt_ids.shape
+        dev = prompt_ids.device
+        pmask = torch.ones(b, s, dtype=torch.bool, device=dev) if prompt_mask is None else prompt_mask.bool()
+        if image_index is None:
+            image_index = torch.arange(b, device=dev)
+        txt = self.language.embed(prompt_ids)  # (b, s, d)
+        lm = self.language
+        if self.config.prompt_order == "image_first" and (use_image_cache or image_state is not None):
+            if image_state is None:
+                image_state = self.prefill_images(images, image_sizes)
+            state = image_state.index_select(image_index)  # fork: (b, ...)
+            out = lm(inputs_embeds=txt, attention_mask=_none_if_all(pmask), state=state, return_state=True)
+        else:
+            img, img_mask = self.encode_images(images, image_sizes)
+            img, img_mask = img[image_index], img_mask[image_index]  # (b, p, d), (b, p)
+            if self.config.prompt_order == "image_first":
+                emb, mask = torch.cat([img, txt], 1), torch.cat([img_mask, pmask], 1)
+            else:
+                emb, mask = torch.cat([txt, img], 1), torch.cat([pmask, img_mask], 1)
+            out = lm(inputs_embeds=emb, attention_mask=_none_if_all(mask), return_state=True)
+        last = out.logits[:, -1]  # (b, V): left padding puts every row's last real token here
+
+        def step_fn(tok: torch.Tensor, st):
+            o = lm.step(input_ids=tok, state=st)
+            return o.logits, o.state
+
+        return decode(step_fn, out.state, last, gcfg)
+
+    # ------------------------------------------------------------------ utilities
+    def num_parameters(self, trainable_only: bool = False) -> dict[str, int]:
+        """Parameter counts per component (tied embedding/head counted once)."""
+
+        def count(m: nn.Module) -> int:
+            seen, n = set(), 0
+            for p in m.parameters():
+                if id(p) in seen or (trainable_only and not p.requires_grad):
+                    continue
+                seen.add(id(p))
+                n += p.numel()
+            return n
+
+        out = {"vision": count(self.vision), "bridger": count(self.bridger), "language": count(self.language)}
+        out["total"] = count(self)
+        out["trainable"] = sum(
+            p.numel() for p in {id(p): p for p in self.parameters() if p.requires_grad}.values()
+        )
+        return out
+
+    def merge_lora(self, unload: bool = False) -> VLMamba:
+        """Fold adapters into the weights; ``unload`` leaves a plain model (config.lora = None)."""
+        merge_lora(self, unload=unload)
+        if unload:
+            self.config = self.config.model_copy(update={"lora": None})
+            self.lora_targets = []
+        return self
+
+    def unmerge_lora(self) -> VLMamba:
+        unmerge_lora(self)
+        return self
+
+    @property
+    def has_lora(self) -> bool:
+        return any(True for _ in lora_modules(self))
+
+    def save_pretrained(self, path: str | Path, tokenizer: Any = None) -> Path:
+        """Write ``config.json``, ``model.safetensors`` and, if given, ``tokenizer.json`` to ``path``.
+
+        Written into a temporary sibling folder and renamed, so a crash never leaves half a model.
+        ``tokenizer`` may be a path to a tokenizer.json or an object with ``save(path)``.
+        """
+        from safetensors.torch import save_model
+
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        self.config.to_json(tmp / CONFIG_NAME)
+        save_model(self, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "library": "vlm_mamba"})
+        if tokenizer is not None:
+            if isinstance(tokenizer, (str, Path)):
+                shutil.copy(tokenizer, tmp / TOKENIZER_NAME)
+            else:
+                tokenizer.save(str(tmp / TOKENIZER_NAME))
+        if path.exists():
+            shutil.rmtree(path)
+        tmp.rename(path)
+        return path
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, map_location: str | torch.device = "cpu", **overrides
+    ) -> VLMamba:
+        """Load a :meth:`save_pretrained` directory (no training code needed)."""
+        from safetensors.torch import load_model
+
+        path = Path(path)
+        cfg_file = path / CONFIG_NAME
+        if not cfg_file.is_file():
+            raise FileNotFoundError(f"{cfg_file} not found: not a VLMamba.save_pretrained directory")
+        data = json.loads(cfg_file.read_text())
+        data.update(overrides)
+        model = cls(VLMambaConfig.model_validate(data))
+        missing, unexpected = load_model(
+            model, str(path / WEIGHTS_NAME), strict=False, device=str(map_location)
+        )
+        if missing or unexpected:
+            raise RuntimeError(
+                f"{path / WEIGHTS_NAME}: missing keys {sorted(missing)}, unexpected keys {sorted(unexpected)}"
+            )
+        return model.to(map_location)
+
+
+# ---------------------------------------------------------------------- sequence helpers
+def _none_if_all(mask: torch.Tensor) -> torch.Tensor | None:
+    """Masks that mark every position real are dropped: the unmasked kernels are faster."""
+    return None if bool(mask.all()) else mask
+
+
+def _gather_time(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """x (b, l, d), idx (b, t) -> (b, t, d)."""
+    return x.gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+
+
+def _interleave(
+    txt: torch.Tensor, tmask: torch.Tensor, img: torch.Tensor, img_mask: torch.Tensor, split: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row: text[:split], image, text[split:].
+
+    Args:
+        txt (b, t, d), tmask (b, t), img (b, p, d), img_mask (b, p), split (b,).
+
+    Returns:
+        embeddings (b, l, d), mask (b, l), and the position of every text token (b, t).
+    """
+    b, t, _ = txt.shape
+    p = img.shape[1]
+    dev = txt.device
+    k = torch.arange(t, device=dev)[None, :]  # (1, t)
+    text_pos = torch.where(k < split[:, None], k, k + p)  # (b, t)
+    if bool((split == 0).all()):  # image first: a plain concatenation
+        return torch.cat([img, txt], 1), torch.cat([img_mask, tmask], 1), text_pos
+    j = torch.arange(t + p, device=dev)[None, :]  # (1, l)
+    s = split[:, None]
+    src = torch.where(j < s, j, torch.where(j < s + p, t + (j - s), j - p))  # index into cat([txt, img])
+    both = torch.cat([txt, img.to(txt.dtype)], 1)  # (b, t+p, d)
+    both_mask = torch.cat([tmask, img_mask], 1)
+    return _gather_time(both, src), both_mask.gather(1, src), text_pos
