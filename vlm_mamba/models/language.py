@@ -173,6 +173,13 @@ class LanguageMamba(nn.Module):
 
 
 # ------------------------------------------------------------------------------ checkpoint helpers
+def _number(v) -> float:
+    """A JSON number, including transformers' ``{"__float__": "Infinity"}`` and "inf" strings."""
+    if isinstance(v, dict) and "__float__" in v:
+        v = v["__float__"]
+    return float(v)
+
+
 def _config_fields(raw: dict, where: Path) -> dict:
     """A checkpoint's config.json -> LanguageConfig fields (transformers or mamba_ssm naming)."""
 
@@ -206,7 +213,7 @@ def _config_fields(raw: dict, where: Path) -> dict:
         if model_type == "mamba":
             f["dt_rank"] = raw.get("time_step_rank", "auto")
         else:
-            lim = tuple(raw.get("time_step_limit", (0.0, float("inf"))))
+            lim = tuple(_number(v) for v in raw.get("time_step_limit", (0.0, float("inf"))))
             need(lim == (0.0, float("inf")), f"time_step_limit={list(lim)} (only no clamping)")
             need(
                 raw["num_heads"] * raw["head_dim"] == raw.get("expand", 2) * raw["hidden_size"],
@@ -236,8 +243,8 @@ def _config_fields(raw: dict, where: Path) -> dict:
             f.update(d_state=128, headdim=64, ngroups=1, chunk_size=256)
         same = ("d_state", "d_conv", "expand", "dt_rank", "dt_min", "dt_max", "dt_init_floor", "conv_bias",
                 "bias", "headdim", "ngroups", "chunk_size", "norm_before_gate")  # fmt: skip
-        init_only = ("dt_init", "dt_scale", "dt_limit", "A_init_range", "use_fast_path", "use_mem_eff_path",
-                     "dt_init_floor", "sequence_parallel", "process_group")  # fmt: skip
+        init_only = ("dt_init", "dt_scale", "A_init_range", "use_fast_path", "use_mem_eff_path",
+                     "sequence_parallel", "process_group")  # fmt: skip
         for key, val in ssm_cfg.items():
             if key in same:
                 f[key] = val
@@ -248,7 +255,8 @@ def _config_fields(raw: dict, where: Path) -> dict:
             elif key == "d_ssm":
                 need(val is None or val == f.get("expand", 2) * raw["d_model"], f"ssm_cfg.d_ssm={val}")
             elif key == "dt_limit":
-                need(tuple(val) == (0.0, float("inf")), f"ssm_cfg.dt_limit={val} (only no clamping)")
+                lim = tuple(_number(v) for v in val)
+                need(lim == (0.0, float("inf")), f"ssm_cfg.dt_limit={val} (only no clamping)")
             elif key not in init_only:
                 need(False, f"unknown ssm_cfg key {key!r}")
         return f

@@ -1,0 +1,271 @@
+"""vlm_mamba.ops: the pure-PyTorch scans and convs equal the sequential references (values and
+gradients), padding helpers, and the kernel-family switch."""
+
+import logging
+
+import pytest
+import torch
+
+from vlm_mamba import ops
+from vlm_mamba.ops import reference as R
+from vlm_mamba.ops import torch_ops as T
+
+
+def _leaves(*ts):
+    return [t.detach().clone().requires_grad_(True) if t is not None else None for t in ts]
+
+
+def _assert_same_with_grads(f, g, inputs, atol=1e-4, rtol=1e-4):
+    """f and g agree on outputs and on gradients of a random projection of every output."""
+    a, b = _leaves(*inputs), _leaves(*inputs)
+    oa, ob = f(*a), g(*b)
+    oa, ob = (oa if isinstance(oa, tuple) else (oa,)), (ob if isinstance(ob, tuple) else (ob,))
+    gen = torch.Generator().manual_seed(1)
+    weights = [torch.randn(o.shape, generator=gen) for o in oa]
+    for x, y in zip(oa, ob):
+        torch.testing.assert_close(x, y, atol=atol, rtol=rtol)
+    sum((o * w).sum() for o, w in zip(oa, weights)).backward()
+    sum((o * w).sum() for o, w in zip(ob, weights)).backward()
+    n_grads = 0
+    for x, y in zip(a, b):
+        if x is None:
+            continue
+        assert x.grad is not None and y.grad is not None
+        torch.testing.assert_close(x.grad, y.grad, atol=atol, rtol=rtol)
+        n_grads += 1
+    assert n_grads > 0
+
+
+def _m1_inputs(b=2, e=6, L=11, n=5, groups=None, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)
+    BC = (b, groups, n, L) if groups else (b, n, L)
+    return dict(
+        u=r(b, e, L), delta=r(b, e, L) * 0.5, A=-torch.rand(e, n, generator=g) * 2 - 0.1, B=r(*BC), C=r(*BC),
+        D=r(e), z=r(b, e, L), delta_bias=r(e) * 0.3, initial_state=r(b, e, n),
+    )  # fmt: skip
+
+
+M1_ORDER = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "initial_state"]
+
+
+@pytest.mark.parametrize("groups", [None, 2])
+@pytest.mark.parametrize("with_state", [False, True])
+@pytest.mark.parametrize(
+    "impl",
+    [T.selective_scan_loop, T.selective_scan_chunked, lambda *a: T.selective_scan_chunked(*a, chunk=4)],
+)
+def test_selective_scan_matches_reference(impl, with_state, groups):
+    d = _m1_inputs(groups=groups)
+    if not with_state:
+        d["initial_state"] = None
+    inputs = [d[k] for k in M1_ORDER]
+
+    def run(fn):
+        return lambda u, dl, A, B, C, D, z, db, h0: fn(u, dl, A, B, C, D, z, db, True, h0, True)
+
+    _assert_same_with_grads(run(impl), run(R.selective_scan_ref), inputs)
+
+
+def test_selective_scan_dispatch_matches_reference_without_optionals():
+    d = _m1_inputs(L=7)
+    out = ops.selective_scan(d["u"], d["delta"].abs(), d["A"], d["B"], d["C"], kernel="torch")
+    ref = R.selective_scan_ref(d["u"], d["delta"].abs(), d["A"], d["B"], d["C"])
+    torch.testing.assert_close(out, ref, atol=1e-5, rtol=1e-5)
+
+
+def _ssd_inputs(b=2, L=13, h=4, p=3, g=2, n=5, seed=0, D_dim=1):
+    gen = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=gen)
+    return dict(
+        x=r(b, L, h, p), dt=r(b, L, h) * 0.5, A=-torch.rand(h, generator=gen) * 2 - 0.1, B=r(b, L, g, n),
+        C=r(b, L, g, n), D=r(h) if D_dim == 1 else r(h, p), z=r(b, L, h, p), initial_states=r(b, h, p, n),
+        dt_bias=r(h) * 0.3,
+    )  # fmt: skip
+
+
+SSD_ORDER = ["x", "dt", "A", "B", "C", "D", "z", "initial_states", "dt_bias"]
+
+
+@pytest.mark.parametrize("cpu_chunk", [4, 64])
+@pytest.mark.parametrize("impl", ["loop", "chunked"])
+@pytest.mark.parametrize("D_dim", [1, 2])
+def test_ssd_matches_reference(impl, cpu_chunk, D_dim, monkeypatch):
+    monkeypatch.setattr(T, "SSD_CPU_CHUNK", cpu_chunk)
+    fn = {"loop": T.ssd_loop, "chunked": T.ssd_chunked}[impl]
+    d = _ssd_inputs(D_dim=D_dim)
+
+    def run(f):
+        return lambda x, dt, A, B, C, D, z, s0, db: f(x, dt, A, B, C, 8, D, z, s0, True, db, True)
+
+    _assert_same_with_grads(run(fn), run(R.ssd_chunk_scan_ref), [d[k] for k in SSD_ORDER])
+
+
+def test_ssd_reference_equals_mamba1_reference_with_scalar_heads():
+    """Two references written independently agree: SSD with one channel per head (p=1, g=h) is the
+    Mamba-1 scan with A constant over the state dimension."""
+    d = _ssd_inputs(p=1, g=4, h=4)
+    y2, s2 = R.ssd_chunk_scan_ref(
+        d["x"],
+        d["dt"],
+        d["A"],
+        d["B"],
+        d["C"],
+        8,
+        d["D"],
+        None,
+        d["initial_states"],
+        True,
+        d["dt_bias"],
+        True,
+    )
+    n = d["B"].shape[-1]
+    y1, s1 = R.selective_scan_ref(
+        d["x"][..., 0].transpose(1, 2), d["dt"].transpose(1, 2), d["A"][:, None].expand(4, n),
+        d["B"].permute(0, 2, 3, 1), d["C"].permute(0, 2, 3, 1), d["D"], None, d["dt_bias"], True,
+        d["initial_states"][:, :, 0], True,
+    )  # fmt: skip
+    torch.testing.assert_close(y1, y2[..., 0].transpose(1, 2), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s1, s2[:, :, 0], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("with_state", [False, True])
+def test_causal_conv1d_matches_reference(k, with_state):
+    g = torch.Generator().manual_seed(0)
+    x, w, bias = (
+        torch.randn(2, 5, 9, generator=g),
+        torch.randn(5, k, generator=g),
+        torch.randn(5, generator=g),
+    )
+    init = torch.randn(2, 5, k - 1, generator=g) if with_state else None
+
+    def run(f):
+        return lambda x, w, bias, init: f(x, w, bias, init, True, "silu")
+
+    _assert_same_with_grads(run(T.causal_conv1d_torch), run(R.causal_conv1d_ref), [x, w, bias, init])
+
+
+def test_conv_is_causal_and_continues_from_its_final_state():
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(1, 3, 10, generator=g), torch.randn(3, 4, generator=g)
+    full, _ = T.causal_conv1d_torch(x, w, return_final_states=True)
+    first, st = T.causal_conv1d_torch(x[..., :6], w, return_final_states=True)
+    second = T.causal_conv1d_torch(x[..., 6:], w, initial_states=st)
+    torch.testing.assert_close(torch.cat([first, second], -1), full)
+    y, st2 = T.causal_conv1d_update_torch(x[..., 6], st, w)
+    torch.testing.assert_close(y, full[..., 6])
+    torch.testing.assert_close(st2, x[..., 4:7])
+    x2 = x.clone()
+    x2[..., 7:] += 1.0  # the future does not change the past
+    torch.testing.assert_close(T.causal_conv1d_torch(x2, w)[..., :7], full[..., :7])
+
+
+def test_selective_state_update_is_one_scan_step():
+    d = _m1_inputs(L=1)
+    y, s = R.selective_scan_ref(
+        d["u"],
+        d["delta"],
+        d["A"],
+        d["B"],
+        d["C"],
+        d["D"],
+        d["z"],
+        d["delta_bias"],
+        True,
+        d["initial_state"],
+        True,
+    )
+    h0 = d["initial_state"].clone()
+    y1, s1 = ops.selective_state_update(
+        h0, d["u"][..., 0], d["delta"][..., 0], d["A"], d["B"][..., 0], d["C"][..., 0], d["D"], d["z"][..., 0],
+        d["delta_bias"], True, kernel="torch",
+    )  # fmt: skip
+    torch.testing.assert_close(y1, y[..., 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s1, s, atol=1e-5, rtol=1e-5)
+    assert torch.equal(h0, d["initial_state"]), "the state passed in was modified"
+
+
+def test_selective_state_update_heads_is_one_ssd_step():
+    d = _ssd_inputs(L=1)
+    h, p, n = 4, 3, 5
+    y, s = R.ssd_chunk_scan_ref(
+        d["x"],
+        d["dt"],
+        d["A"],
+        d["B"],
+        d["C"],
+        8,
+        d["D"],
+        d["z"],
+        d["initial_states"],
+        True,
+        d["dt_bias"],
+        True,
+    )
+    y1, s1 = ops.selective_state_update(
+        d["initial_states"], d["x"][:, 0], d["dt"][:, 0, :, None].expand(-1, h, p),
+        d["A"][:, None, None].expand(h, p, n), d["B"][:, 0], d["C"][:, 0], d["D"][:, None].expand(h, p),
+        d["z"][:, 0], d["dt_bias"][:, None].expand(h, p), True, kernel="torch",
+    )  # fmt: skip
+    torch.testing.assert_close(y1, y[:, 0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s1, s, atol=1e-5, rtol=1e-5)
+
+
+def test_compact_by_mask_round_trip_and_conv_window():
+    mask = torch.tensor(
+        [[0, 0, 1, 1, 1], [1, 0, 1, 0, 1], [1, 1, 1, 1, 1], [0, 0, 0, 0, 0]], dtype=torch.bool
+    )
+    order, inverse, lengths = ops.compact_by_mask(mask)
+    assert lengths.tolist() == [3, 3, 5, 0]
+    pos = torch.arange(5).expand(4, 5)
+    packed = pos.gather(1, order)
+    assert packed[0, :3].tolist() == [2, 3, 4] and packed[1, :3].tolist() == [0, 2, 4]
+    assert torch.equal(packed.gather(1, inverse), pos)
+    # conv window after the real tokens: last k-1 of [init, real...]
+    x = packed.float()[:, None, :]  # (b,1,l): values are original positions
+    init = torch.full((4, 1, 3), -1.0)
+    win = ops.conv_window(x, init, lengths, 4)
+    assert win[0, 0].tolist() == [2, 3, 4]
+    assert win[1, 0].tolist() == [0, 2, 4]
+    assert win[3, 0].tolist() == [-1, -1, -1]  # nothing real: the initial window stays
+
+
+def test_kernel_family_env_override_and_logging(monkeypatch, caplog):
+    ops._resolve.cache_clear()
+    monkeypatch.setenv(ops.KERNEL_ENV, "ref")
+    with caplog.at_level(logging.INFO, logger="vlm_mamba.ops"):
+        assert ops.kernel_family("auto", "cpu") == "ref"
+        assert ops.kernel_family("auto", "cpu") == "ref"
+        assert ops.kernel_family("torch", "cpu") == "torch"  # an explicit argument wins over the env
+    assert sum("'ref'" in r.getMessage() for r in caplog.records) == 1, "the choice is logged once"
+    monkeypatch.setenv(ops.KERNEL_ENV, "fast")
+    with pytest.raises(ValueError, match="VLM_MAMBA_KERNEL"):
+        ops.kernel_family("auto", "cpu")
+    monkeypatch.delenv(ops.KERNEL_ENV)
+    with pytest.raises(ValueError, match="kernel="):
+        ops.kernel_family("triton", "cpu")
+    assert ops.kernel_family("auto", "cpu") == "torch"
+    ops._resolve.cache_clear()
+
+
+def test_kernel_env_ref_routes_ops_to_reference(monkeypatch):
+    ops._resolve.cache_clear()
+    monkeypatch.setenv(ops.KERNEL_ENV, "ref")
+    calls = []
+    real = R.selective_scan_ref
+    monkeypatch.setattr(R, "selective_scan_ref", lambda *a: calls.append(1) or real(*a))
+    d = _m1_inputs(L=3)
+    ops.selective_scan(d["u"], d["delta"], d["A"], d["B"], d["C"])
+    assert calls == [1]
+    ops._resolve.cache_clear()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error raised without CUDA")
+def test_forced_cuda_without_kernels_raises_with_reason():
+    ops._resolve.cache_clear()
+    with pytest.raises(RuntimeError, match="forces the CUDA kernels, but they cannot be used: .+"):
+        ops.kernel_family("cuda", "cpu")
+    d = _m1_inputs(L=3)
+    with pytest.raises(RuntimeError, match="cuda"):
+        ops.selective_scan(d["u"], d["delta"], d["A"], d["B"], d["C"], kernel="cuda")
