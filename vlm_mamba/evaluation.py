@@ -1,0 +1,409 @@
+"""Evaluation: generation over a split -> official results files -> official metrics -> report.
+
+The logic behind ``evaluate.py`` (which only composes the Hydra config and calls :func:`main`):
+
+- ``mode=eval``: load a checkpoint (Lightning ``.ckpt`` or a ``save_pretrained`` directory), run
+  batched generation over a split (beam search for captions, short greedy answers for VQA, both
+  configurable), write the results in the official formats (COCO ``[{"image_id", "caption"}]``;
+  VQAv2 ``[{"question_id", "answer"}]``, the test-dev submission file), the split's ground truth
+  in the official formats (so score-only mode reproduces every number), ``metrics.json``, a table,
+  and a picture of sample predictions. VQA goes through the image-state cache: each image is
+  encoded and prefilled once, its state forked for its questions.
+- ``mode=score``: score an existing results file against official annotation files, no model.
+- ``mode=predict``: caption one image, or answer a question about it.
+
+Under ``torchrun`` every rank evaluates its share of the split (the DataModules split samples
+across ranks and workers, each exactly once) and rank 0 gathers, scores and writes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .results import write_json_atomic, write_metrics, write_results
+
+log = logging.getLogger(__name__)
+
+TASKS = ("coco_caption", "vqav2")
+DEFAULT_DATASET = {"coco_caption": "shapes", "vqav2": "shapes_vqa"}
+
+
+# ---------------------------------------------------------------------- loading
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """(VLMamba in eval mode, TextTokenizer or None) from a Lightning ``.ckpt`` or a
+    ``VLMamba.save_pretrained`` directory."""
+    from .data.tokenizer import TextTokenizer
+    from .models.vlm import VLMamba
+
+    path = Path(path)
+    if path.is_dir():
+        model = VLMamba.from_pretrained(path, map_location=device)
+        tok = TextTokenizer.load(path) if (path / "tokenizer.json").is_file() else None
+        return model.eval(), tok
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"checkpoint {path} not found (give a .ckpt file or a save_pretrained directory)"
+        )
+    from .lit_module import VLMambaLitModule
+
+    lit = VLMambaLitModule.load_from_checkpoint(str(path), map_location=device, weights_only=False)
+    return lit.model.eval(), lit.tokenizer
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------------- generation
+def decode_rows(ids: torch.Tensor, tokenizer: Any, eos_id: int | None, pad_id: int) -> list[str]:
+    """(b, n) generated ids -> strings, cut at EOS, padding and specials dropped."""
+    texts = []
+    for row in ids.tolist():
+        if eos_id is not None and eos_id in row:
+            row = row[: row.index(eos_id)]
+        row = [t for t in row if t != pad_id]
+        texts.append(tokenizer.decode(row).strip() if tokenizer is not None else " ".join(map(str, row)))
+    return texts
+
+
+@torch.no_grad()
+def predict_batch(model, tokenizer, batch: Mapping[str, Any], gen: Mapping[str, Any], device) -> list[str]:
+    """Decode one evaluation batch (left-padded prompts, ``docs/interfaces.md``) to strings."""
+
+    def to(x):
+        return None if x is None else x.to(device)
+
+    out = model.generate(
+        batch["images"].to(device),
+        batch["prompt_ids"].to(device),
+        prompt_mask=batch["prompt_mask"].to(device),
+        image_sizes=to(batch.get("image_sizes")),
+        image_index=to(batch.get("image_index")),
+        **dict(gen),
+    )  # (b, new)
+    return decode_rows(out, tokenizer, model.config.eos_token_id, model.config.pad_token_id)
+
+
+def collect_predictions(
+    model,
+    tokenizer,
+    loader: Iterable[Mapping[str, Any]],
+    task: str,
+    gen: Mapping[str, Any],
+    device,
+    max_samples: int | None = None,
+    keep_images: int = 0,
+    progress: bool = False,
+) -> tuple[list[dict], list[dict], list[dict]]:
+    """Generate over ``loader``.
+
+    Returns:
+        results (official format), references (one record per image / question: captions, or
+        question + ten answers + types), and up to ``keep_images`` report samples (with images).
+    """
+    from .data.transforms import IMAGE_MEAN, IMAGE_STD
+
+    results: list[dict] = []
+    refs: list[dict] = []
+    samples: list[dict] = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(desc=f"generating ({task})", unit="q" if task == "vqav2" else "img")
+    for batch in loader:
+        preds = predict_batch(model, tokenizer, batch, gen, device)
+        if task == "coco_caption":
+            for i, (img_id, pred, ref) in enumerate(zip(batch["image_ids"], preds, batch["references"])):
+                results.append({"image_id": int(img_id), "caption": pred})
+                refs.append({"image_id": int(img_id), "references": list(ref)})
+                if len(samples) < keep_images:
+                    samples.append(
+                        {
+                            "image": _picture(batch, i, IMAGE_MEAN, IMAGE_STD),
+                            "caption": pred,
+                            "references": list(ref),
+                        }
+                    )
+        else:
+            index = batch["image_index"].tolist()
+            for i, pred in enumerate(preds):
+                rec = {
+                    "question_id": int(batch["question_ids"][i]),
+                    "image_id": int(batch["image_ids"][i]),
+                    "question": batch["questions"][i],
+                    "answers": list(batch["answers"][i]),
+                    "question_type": batch["question_types"][i],
+                    "answer_type": batch["answer_types"][i],
+                }
+                results.append({"question_id": rec["question_id"], "answer": pred})
+                refs.append(rec)
+                if len(samples) < keep_images and (not samples or samples[-1]["image_id"] != rec["image_id"]):
+                    samples.append(
+                        {
+                            "image": _picture(batch, index[i], IMAGE_MEAN, IMAGE_STD),
+                            "image_id": rec["image_id"],
+                            "qa": [],
+                        }
+                    )
+                if samples and samples[-1].get("image_id") == rec["image_id"] and len(samples[-1]["qa"]) < 3:
+                    samples[-1]["qa"].append(
+                        {"question": rec["question"], "answer": pred, "answers": rec["answers"]}
+                    )
+        if bar is not None:
+            bar.update(len(preds))
+        if max_samples is not None and len(refs) >= max_samples:
+            break
+    if bar is not None:
+        bar.close()
+    return results, refs, samples
+
+
+def _picture(batch: Mapping[str, Any], i: int, mean, std):
+    """The i-th image of a batch, un-normalised to uint8 HWC and cropped to its real size."""
+    img = batch["images"][i].float().cpu()
+    img = img * torch.tensor(std).view(3, 1, 1) + torch.tensor(mean).view(3, 1, 1)
+    if batch.get("image_sizes") is not None:
+        h, w = batch["image_sizes"][i].tolist()
+        img = img[:, :h, :w]
+    return (img.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+
+
+def gather(items: list[dict]) -> list[dict]:
+    """Every rank's list, concatenated on every rank (rank order); a no-op without torch.distributed."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return items
+    parts: list[list[dict]] = [None] * dist.get_world_size()  # type: ignore[list-item]
+    dist.all_gather_object(parts, items)
+    return [x for part in parts for x in part]
+
+
+# ---------------------------------------------------------------------- official-format ground truth
+def caption_ground_truth(refs: list[dict], split: str) -> dict:
+    """COCO captions annotation dict of the evaluated images (what pycocotools' COCO() reads)."""
+    images, anns = [], []
+    for r in sorted(refs, key=lambda r: r["image_id"]):
+        images.append({"id": r["image_id"], "file_name": f"{r['image_id']:012d}.jpg"})
+        for c in r["references"]:
+            anns.append({"id": len(anns) + 1, "image_id": r["image_id"], "caption": c})
+    return {"info": {"description": f"references of split {split}"}, "images": images, "annotations": anns}
+
+
+def vqa_ground_truth(refs: list[dict], split: str) -> tuple[dict, dict]:
+    """(annotations, questions) dicts of the evaluated questions in the official VQAv2 formats."""
+    from collections import Counter
+
+    anns, qs = [], []
+    for r in sorted(refs, key=lambda r: r["question_id"]):
+        qs.append({"image_id": r["image_id"], "question": r["question"], "question_id": r["question_id"]})
+        answers = r["answers"]
+        anns.append(
+            {
+                "question_id": r["question_id"],
+                "image_id": r["image_id"],
+                "question_type": r["question_type"],
+                "answer_type": r["answer_type"],
+                "multiple_choice_answer": Counter(answers).most_common(1)[0][0] if answers else "",
+                "answers": [
+                    {"answer": a, "answer_confidence": "yes", "answer_id": j + 1}
+                    for j, a in enumerate(answers)
+                ],
+            }
+        )
+    return (
+        {"data_subtype": split, "annotations": anns},
+        {"data_subtype": split, "task_type": "Open-Ended", "questions": qs},
+    )
+
+
+def score(task: str, results: list[dict], refs: list[dict], split: str, out_dir: Path, caption_metrics=None):
+    """Write ground truth in the official formats beside ``results`` and score them with the
+    official algorithms. Returns ``(metrics, {name: path})``."""
+    from . import metrics as M
+
+    paths = {}
+    if task == "coco_caption":
+        gt = caption_ground_truth(refs, split)
+        paths["annotations"] = write_json_atomic(gt, out_dir / f"captions_{split}_gt.json")
+        metrics = M.caption_metrics(results, gt, **(caption_metrics or {}))
+    else:
+        ann, qs = vqa_ground_truth(refs, split)
+        paths["annotations"] = write_json_atomic(ann, out_dir / f"vqa_{split}_annotations.json")
+        paths["questions"] = write_json_atomic(qs, out_dir / f"vqa_{split}_questions.json")
+        metrics = M.vqa_accuracy(results, ann, qs)
+    return metrics, paths
+
+
+def summary(task: str, metrics: Mapping[str, Any]) -> dict[str, float]:
+    """The headline numbers of a task's metrics (for tables)."""
+    if task == "coco_caption":
+        keys = ("Bleu_1", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+        return {k: float(metrics[k]) for k in keys if k in metrics}
+    out = {"overall": float(metrics["overall"])}
+    out.update({f"perAnswerType[{k}]": float(v) for k, v in metrics.get("perAnswerType", {}).items()})
+    return out
+
+
+# ---------------------------------------------------------------------- entry points
+def _init_distributed() -> tuple[int, int]:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1); (rank, world)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    return dist.get_rank(), dist.get_world_size()
+
+
+def build_datamodule(cfg: Mapping[str, Any], model, tokenizer):
+    """The task's DataModule over ``cfg.split``, transforms matching the model's vision config."""
+    from .data.datamodules import CaptionDataModule, VQADataModule
+
+    v = model.config.vision
+    kw = dict(
+        data_dir=str(cfg["data_dir"]),
+        dataset=cfg.get("dataset") or DEFAULT_DATASET[cfg["task"]],
+        val_split=None,
+        test_split=cfg.get("split") or "test",
+        batch_size=int(cfg["batch_size"]),
+        num_workers=int(cfg.get("num_workers", 0)),
+        vision_mode=model.config.vision_mode,
+        img_size=v.img_size,
+        patch_size=v.patch_size,
+        max_img_size=v.max_img_size,
+        build_shapes_if_missing=False,
+    )
+    if cfg.get("prompt") is not None:
+        kw["prompt"] = cfg["prompt"]
+    dm = (CaptionDataModule if cfg["task"] == "coco_caption" else VQADataModule)(**kw)
+    if tokenizer is not None:
+        dm._tokenizer = tokenizer
+    return dm
+
+
+def run_eval(cfg: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
+    """mode=eval: generate over the split, write results + ground truth + metrics + report."""
+    from .report import draw_predictions, metrics_text
+
+    task, split = cfg["task"], cfg.get("split") or "test"
+    if task not in TASKS:
+        raise ValueError(f"task={task!r}: expected one of {TASKS}")
+    if not cfg.get("ckpt_path"):
+        raise ValueError("mode=eval needs ckpt_path=<.ckpt file or save_pretrained directory>")
+    rank, world = _init_distributed()
+    device = resolve_device(cfg.get("device", "auto"))
+    model, tokenizer = load_model(cfg["ckpt_path"], device)
+    dm = build_datamodule(cfg, model, tokenizer)
+    loader = dm.test_dataloader()
+    gen = dict(cfg["generation"][task])
+    results, refs, samples = collect_predictions(
+        model,
+        tokenizer,
+        loader,
+        task,
+        gen,
+        device,
+        max_samples=cfg.get("max_samples"),
+        keep_images=int(cfg.get("report_samples", 12)),
+        progress=rank == 0,
+    )
+    results, refs = gather(results), gather(refs)
+    if rank != 0:
+        return {}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    kind = "captions" if task == "coco_caption" else "vqa"
+    res_path = write_results(results, out_dir / f"{kind}_{split}_results.json")
+    metrics, gt_paths = score(task, results, refs, split, out_dir, cfg.get("caption_metrics"))
+    payload = {
+        "task": task,
+        "split": split,
+        "checkpoint": str(cfg["ckpt_path"]),
+        "generation": gen,
+        "num_samples": len(results),
+        "metrics": metrics,
+    }
+    write_metrics(payload, out_dir / "metrics.json")
+    if samples:
+        draw_predictions(samples, out_dir / f"samples_{task}_{split}.png", title=f"{task} / {split}")
+    print(metrics_text({task: {split: summary(task, metrics)}}))
+    log.info("results %s, ground truth %s, metrics %s", res_path, gt_paths, out_dir / "metrics.json")
+    return payload
+
+
+def run_score(cfg: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
+    """mode=score: official-tool style scoring of an existing results file (no model)."""
+    from .metrics import score_caption_files, score_vqa_files
+    from .report import metrics_text
+
+    task = cfg["task"]
+    split = cfg.get("split") or _split_name(cfg["annotations"])
+    if not cfg.get("results") or not cfg.get("annotations"):
+        raise ValueError(
+            "score-only mode needs results=R.json and annotations=A.json (and questions=Q.json for vqav2)"
+        )
+    if task == "coco_caption":
+        metrics = score_caption_files(
+            cfg["results"], cfg["annotations"], allow_partial=bool(cfg.get("allow_partial"))
+        )
+    elif task == "vqav2":
+        metrics = score_vqa_files(cfg["results"], cfg["annotations"], cfg.get("questions"))
+    else:
+        raise ValueError(f"task={task!r}: expected one of {TASKS}")
+    payload = {"task": task, "split": split, "results": str(cfg["results"]), "metrics": metrics}
+    write_metrics(payload, out_dir / "metrics.json")
+    print(metrics_text({task: {split: summary(task, metrics)}}))
+    return payload
+
+
+def _split_name(annotations_path: str | Path) -> str:
+    """The split an official annotation file describes (its ``data_subtype``), else its file name."""
+    from .results import read_json
+
+    data = read_json(annotations_path, what="annotations")
+    sub = data.get("data_subtype") if isinstance(data, dict) else None
+    return str(sub) if sub else Path(annotations_path).stem
+
+
+def run_predict(cfg: Mapping[str, Any]) -> str:
+    """mode=predict: caption ``image``, or answer ``question`` about it."""
+    from .data.collate import pad_left
+    from .data.images import load_image
+    from .data.prompts import CAPTION_PROMPT, VQA_PROMPT, caption_prompt, vqa_prompt
+    from .data.transforms import make_transform
+
+    if not cfg.get("ckpt_path") or not cfg.get("image"):
+        raise ValueError("mode=predict needs ckpt_path=... and image=photo.jpg (question=... to ask one)")
+    device = resolve_device(cfg.get("device", "auto"))
+    model, tok = load_model(cfg["ckpt_path"], device)
+    if tok is None:
+        raise ValueError(f"{cfg['ckpt_path']} carries no tokenizer: cannot read a prompt or write text")
+    v = model.config.vision
+    pixels = make_transform(model.config.vision_mode, v.img_size, v.patch_size, v.max_img_size)(
+        load_image(cfg["image"])
+    )  # (3, h, w)
+    question = cfg.get("question")
+    if question:
+        prompt, task = vqa_prompt(question, cfg.get("prompt") or VQA_PROMPT), "vqav2"
+    else:
+        prompt, task = caption_prompt(cfg.get("prompt") or CAPTION_PROMPT), "coco_caption"
+    ids, mask = pad_left([[tok.bos_token_id] + tok.encode(prompt)], tok.pad_token_id)
+    batch = {"images": pixels[None], "prompt_ids": ids, "prompt_mask": mask}
+    if model.config.vision_mode == "fuyu":
+        batch["image_sizes"] = torch.tensor([list(pixels.shape[-2:])])
+    answer = predict_batch(model, tok, batch, cfg["generation"][task], device)[0]
+    print(answer)
+    return answer
