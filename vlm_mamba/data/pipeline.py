@@ -9,8 +9,9 @@ Training, per (rank, worker), for epoch ``e``::
 Everything before "decode" touches only tar bytes and JSON, so skipping what a resumed run already
 consumed costs reading, not decoding. The stream is a pure function of (seed, epoch, rank, worker):
 the DataLoader hands out batches round-robin over workers, so global batch ``i`` of a rank comes from
-worker ``i % W`` as its ``i // W``-th batch; skipping ``n`` consumed batches means worker ``w`` skips
-``ceil((n - w) / W)`` of its own.
+stream ``i % W`` as its ``i // W``-th batch. Resuming after ``n`` consumed batches, loader worker ``w``
+plays stream ``(w + n) % W`` (the round robin restarts at worker 0) and skips that stream's first
+``ceil((n - s) / W)`` batches.
 
 Evaluation: the split's samples, numbered in shard order, are cut into ``R * W`` contiguous ranges
 (sizes within one of each other); (rank r, worker w) reads range ``r * W + w``. Every sample is seen
@@ -251,17 +252,24 @@ class TrainStream(_Stream):
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         w, nw = worker_slot()
-        mine = worker_batches(self.batches_per_epoch, w, nw)
-        skip = worker_batches(min(self.skip_batches, self.batches_per_epoch), w, nw)
-        raw = self.raw_batches(w)
+        done = min(self.skip_batches, self.batches_per_epoch)
+        # The DataLoader starts its round robin at worker 0 whatever the position, so after ``done``
+        # batches loader worker w plays stream (w + done) % nw: the j-th batch it hands out is then
+        # global batch done + j, as in an uninterrupted epoch.
+        s = (w + done) % nw
+        mine = worker_batches(self.batches_per_epoch, s, nw)
+        skip = worker_batches(done, s, nw)
+        raw = self.raw_batches(s)
         last = None
         for i in range(mine):
             raw_batch = next(raw)
             if i < skip:  # consumed before the resume: drawn (keeps the rngs in step), not decoded
                 continue
             batch = self.processor.train_batch(raw_batch)
+            self._guard()
             while batch is None and last is None:  # a wholly corrupt first batch: draw another
                 batch = self.processor.train_batch(next(raw))
+                self._guard()
             if batch is None:
                 log.warning(
                     "a whole training batch was corrupt; repeating the previous batch to keep positions"
@@ -339,5 +347,6 @@ class EvalStream(_Stream):
         )
         while chunk := list(itertools.islice(items, self.batch_size)):
             batch = collate(chunk)
+            self._guard()
             if batch is not None:
                 yield self.finish(batch)
