@@ -13,10 +13,12 @@ What this module adds to the network (lightning-hydra-template's split, STYLE.md
   ``A_log``, ``D``, ``dt_bias`` (mamba_ssm marks them ``_no_weight_decay``), position embeddings,
   and (unless ``decay_embeddings``) token embeddings;
 - linear warmup then cosine decay to ``min_lr_ratio * lr``, driven by ``trainer.max_steps``;
-- ``train/loss``, ``train/lr``, ``val/loss`` (and ``test/loss``) logged per target token mean;
-- validation task metrics: greedy generation on a fixed validation subset scored with
-  :mod:`vlm_mamba.metrics` (``val/CIDEr``, ``val/Bleu_4`` for captions, ``val/vqa_acc`` for VQA),
-  so ModelCheckpoint and sweeps can monitor them, plus a few sample predictions for the logger;
+- ``train/loss``, ``train/lr``; on the validation (and test) batches a teacher-forced ``val/loss``
+  on each reference target (``val/caption_loss`` / ``val/vqa_loss`` too for a mix);
+- validation task metrics: greedy generation on the validation subset (``limit_val_batches``)
+  scored with :mod:`vlm_mamba.metrics` (``val/CIDEr``, ``val/Bleu_4`` for captions,
+  ``val/vqa_acc`` for VQA), so ModelCheckpoint and sweeps can monitor them, plus a few sample
+  predictions for the logger;
 - a non-finite loss skips the update, saves ``nonfinite-step=N.ckpt`` and stops the run
   (:attr:`nonfinite`, read by :func:`vlm_mamba.training.train` to fail with a message).
 """
@@ -26,7 +28,8 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -118,13 +121,15 @@ class WarmupCosine:
 
 
 def batch_size_of(batch: Mapping[str, Any]) -> int:
-    """Samples in a training batch (rows of ``input_ids``); used by the ThroughputMonitor."""
-    return int(batch["input_ids"].shape[0])
+    """Samples in a batch: training rows, or evaluation prompts (captions: images; VQA: questions).
+
+    The ThroughputMonitor's ``batch_size_fn`` (it measures training and validation)."""
+    return int((batch["input_ids"] if "input_ids" in batch else batch["prompt_ids"]).shape[0])
 
 
 def tokens_of(batch: Mapping[str, Any]) -> int:
-    """Real text tokens in a training batch (``attention_mask`` sum); the ThroughputMonitor's items."""
-    return int(batch["attention_mask"].sum())
+    """Real text tokens in a batch (training sequences, or evaluation prompts); the monitor's items."""
+    return int((batch["attention_mask"] if "attention_mask" in batch else batch["prompt_mask"]).sum())
 
 
 class VLMambaLitModule(L.LightningModule):
@@ -142,9 +147,9 @@ class VLMambaLitModule(L.LightningModule):
         decay_embeddings: put ``nn.Embedding`` weights in the decayed group.
         pretrained_language: a local Mamba checkpoint directory (transformers or mamba_ssm
             layout) whose weights initialise the language model (``LanguageMamba.from_pretrained``).
-        val_generation: greedy decoding on the validation subset after each validation epoch:
-            ``enabled``, ``max_samples`` (captions: images; VQA: questions), ``batch_size``,
-            ``max_new_tokens``, ``num_beams``.
+        val_generation: decoding of every validation (and test) batch, scored at epoch end:
+            ``enabled``, ``max_new_tokens``, ``num_beams`` (1 = greedy). The subset is
+            ``trainer.limit_val_batches`` batches of ``data.eval_batch_size`` images per task.
         num_sample_predictions: predictions sent to the logger after each validation.
         tokenizer_json: a tokenizer JSON string to decode with when no datamodule provides one
             (normally restored from the checkpoint, see :meth:`on_save_checkpoint`).
@@ -168,7 +173,7 @@ class VLMambaLitModule(L.LightningModule):
     ) -> None:
         super().__init__()
         config = model if isinstance(model, VLMambaConfig) else VLMambaConfig.model_validate(dict(model))
-        gen = {"enabled": True, "max_samples": 64, "batch_size": 32, "max_new_tokens": 16, "num_beams": 1}
+        gen = {"enabled": True, "max_new_tokens": 16, "num_beams": 1}
         unknown = set(val_generation or {}) - set(gen)
         if unknown:
             raise ValueError(f"module.val_generation: unknown keys {sorted(unknown)}; known: {sorted(gen)}")
@@ -311,56 +316,101 @@ class VLMambaLitModule(L.LightningModule):
         return self.trainer.default_root_dir
 
     # ------------------------------------------------------------------ validation / test
-    def validation_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self(batch).loss
-        self.log(
-            "val/loss", loss, on_epoch=True, prog_bar=True, sync_dist=True, batch_size=batch_size_of(batch)
-        )
-        return loss
+    # The DataModules' val/test loaders yield evaluation batches (left-padded prompts, references;
+    # docs/interfaces.md), one loader per task (a mix has two). Each batch gives a teacher-forced loss
+    # on its reference target and, outside the sanity check, greedy generations scored at epoch end.
+    def validation_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, generate=not self.trainer.sanity_checking)
 
-    def test_step(self, batch: Mapping[str, Any], batch_idx: int) -> torch.Tensor:
-        loss = self(batch).loss
-        self.log("test/loss", loss, on_epoch=True, sync_dist=True, batch_size=batch_size_of(batch))
-        return loss
+    def test_step(self, batch: Mapping[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._eval_step(batch, generate=True)
+
+    def on_validation_epoch_start(self) -> None:
+        self._eval_state = {}
+
+    def on_test_epoch_start(self) -> None:
+        self._eval_state = {}
 
     def on_validation_epoch_end(self) -> None:
+        self._finish_eval("val", score=not self.trainer.sanity_checking)
+
+    def on_test_epoch_end(self) -> None:
+        self._finish_eval("test", score=True)
+
+    def _eval_step(self, batch: Mapping[str, Any], generate: bool) -> None:
+        task = batch_task(batch)
+        st = self._eval_state.setdefault(task, {"loss_sum": 0.0, "tokens": 0, "results": [], "refs": []})
+        if task == "train":  # a teacher-forcing batch (custom loaders)
+            tf = batch
+        else:
+            tf = teacher_forcing_batch(batch, task, self.tokenizer, self._max_text_len())
+        if tf is not None:
+            out = self(tf)
+            n = int((tf["labels"][:, 1:] != -100).sum()) or 1
+            st["loss_sum"] += float(out.loss.detach()) * n
+            st["tokens"] += n
         gen = self.hparams.val_generation
-        if self.trainer.sanity_checking or not gen["enabled"] or gen["max_samples"] <= 0:
-            return
-        loaders = self._eval_loaders(gen["max_samples"], gen["batch_size"])
-        if not loaders:
-            return
+        if generate and gen["enabled"] and task != "train":
+            preds = self.predict_batch(batch, gen)
+            results, refs = eval_records(task, batch, preds)
+            st["results"] += results
+            st["refs"] += refs
+
+    def _max_text_len(self) -> int:
+        dm = getattr(self.trainer, "datamodule", None)
+        return int(getattr(dm, "max_text_len", 64))
+
+    def _finish_eval(self, stage: str, score: bool) -> None:
+        """Reduce the losses over ranks, gather the generations, score on rank 0, log everywhere."""
+        state, self._eval_state = getattr(self, "_eval_state", {}), {}
+        tasks = sorted(set(state) | set(self._all_ranks_tasks(state)))
+        values: dict[str, float] = {}
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for task in tasks:
+            st = state.get(task, {"loss_sum": 0.0, "tokens": 0, "results": [], "refs": []})
+            sums = torch.tensor([st["loss_sum"], st["tokens"]], dtype=torch.float64, device=self.device)
+            sums = self.trainer.strategy.reduce(sums, reduce_op="sum")
+            total += sums
+            if len(tasks) > 1 and sums[1] > 0:
+                values[f"{stage}/{task}_loss"] = float(sums[0] / sums[1])
+        if total[1] > 0:
+            values[f"{stage}/loss"] = float(total[0] / total[1])
         samples: list[dict[str, Any]] = []
-        for task, loader in loaders.items():
-            metrics, rows = self._score_task(task, loader, gen)
-            for key, value in metrics.items():
-                self.log(key, value, sync_dist=False, rank_zero_only=False)
-            samples += rows[: self.hparams.num_sample_predictions]
-        if samples:
+        if score:
+            for task in tasks:
+                if task == "train":
+                    continue
+                st = state.get(task, {"results": [], "refs": []})
+                results, refs = _gather_lists(st["results"]), _gather_lists(st["refs"])
+                scores: dict[str, float] = {}
+                if self.trainer.is_global_zero and results:
+                    scores = score_task(task, results, refs, prefix=stage)
+                values.update(self.trainer.strategy.broadcast(scores, src=0))
+                samples += sample_rows(task, results, refs, self.hparams.num_sample_predictions)
+        for key, value in values.items():
+            self.log(key, value, prog_bar=key.endswith(("/loss", "CIDEr", "vqa_acc")), sync_dist=False)
+        if samples and stage == "val":
             self._log_samples(samples)
 
-    # ------------------------------------------------------------------ task metrics
-    def _eval_loaders(self, max_samples: int, batch_size: int) -> dict[str, Iterable]:
-        """{"caption" | "vqa": evaluation loader over the validation subset} from the datamodule."""
-        dm = getattr(self.trainer, "datamodule", None)
-        fn = getattr(dm, "eval_dataloaders", None)
-        if fn is None:
-            return {}
-        return fn(split="val", max_samples=max_samples, batch_size=batch_size)
+    def _all_ranks_tasks(self, state: Mapping[str, Any]) -> list[str]:
+        """Task names seen on any rank (a rank with no batch of a task must still join its reductions)."""
+        return [d["task"] for d in _gather_lists([{"task": t} for t in state], key="task")]
 
     @torch.no_grad()
-    def predict_batch(self, task: str, batch: Mapping[str, Any], gen: Mapping[str, Any]) -> list[str]:
-        """Decode one evaluation batch (left-padded prompts, ``docs/interfaces.md``) to strings."""
+    def predict_batch(self, batch: Mapping[str, Any], gen: Mapping[str, Any]) -> list[str]:
+        """Decode one evaluation batch (left-padded prompts) to cleaned strings."""
+        from .data.prompts import clean_generation
+
         out = self.model.generate(
-            batch["images"].to(self.device),
-            batch["prompt_ids"].to(self.device),
-            prompt_mask=batch["prompt_mask"].to(self.device),
-            image_sizes=_to(batch.get("image_sizes"), self.device),
-            image_index=_to(batch.get("image_index"), self.device),
+            batch["images"],
+            batch["prompt_ids"],
+            prompt_mask=batch["prompt_mask"],
+            image_sizes=batch.get("image_sizes"),
+            image_index=batch.get("image_index"),
             max_new_tokens=int(gen["max_new_tokens"]),
             num_beams=int(gen["num_beams"]),
         )  # (b, new)
-        return self._decode(out)
+        return [clean_generation(t) for t in self._decode(out)]
 
     def _decode(self, ids: torch.Tensor) -> list[str]:
         eos, pad = self.config.eos_token_id, self.config.pad_token_id
@@ -370,69 +420,8 @@ class VLMambaLitModule(L.LightningModule):
             if eos is not None and eos in row:
                 row = row[: row.index(eos)]
             row = [t for t in row if t != pad]
-            texts.append(tok.decode(row).strip() if tok is not None else " ".join(map(str, row)))
+            texts.append(tok.decode(row) if tok is not None else " ".join(map(str, row)))
         return texts
-
-    def _score_task(
-        self, task: str, loader: Iterable, gen: Mapping[str, Any]
-    ) -> tuple[dict[str, float], list[dict[str, Any]]]:
-        """Generate over ``loader`` (this rank's share), gather every rank's results, score on rank 0."""
-        from . import metrics as M
-
-        was_training = self.model.training
-        self.model.eval()
-        results, refs = [], []
-        for batch in loader:
-            preds = self.predict_batch(task, batch, gen)
-            if task == "caption":
-                for img, pred, ref in zip(batch["image_ids"], preds, batch["references"]):
-                    results.append({"image_id": int(img), "caption": pred})
-                    refs.append({"image_id": int(img), "references": list(ref)})
-            else:
-                for i, pred in enumerate(preds):
-                    results.append({"question_id": int(batch["question_ids"][i]), "answer": pred})
-                    refs.append(
-                        {
-                            "question_id": int(batch["question_ids"][i]),
-                            "image_id": int(batch["image_ids"][i]),
-                            "question": batch["questions"][i],
-                            "answers": list(batch["answers"][i]),
-                            "question_type": batch["question_types"][i],
-                            "answer_type": batch["answer_types"][i],
-                        }
-                    )
-        self.model.train(was_training)
-        results, refs = _gather_lists(results), _gather_lists(refs)
-        values: dict[str, float] = {}
-        if self.trainer.is_global_zero and results:
-            if task == "caption":
-                # CIDEr and BLEU-4 only: METEOR's Java start-up (~5 s) is too slow for every validation
-                scores = M.score_captions(
-                    {r["image_id"]: r["references"] for r in refs},
-                    {r["image_id"]: r["caption"] for r in results},
-                    metrics=["Bleu_4", "CIDEr"],
-                    spice=False,
-                )
-                values = {"val/CIDEr": float(scores["CIDEr"]), "val/Bleu_4": float(scores["Bleu_4"])}
-            else:
-                scores = M.vqa_accuracy(results, vqa_annotations(refs))
-                values = {"val/vqa_acc": float(scores["overall"])}
-        values = self.trainer.strategy.broadcast(values, src=0)
-        rows = []
-        by_id = {r.get("image_id", r.get("question_id")): r for r in refs}
-        for r in results[: self.hparams.num_sample_predictions]:
-            key = r.get("image_id") if task == "caption" else r["question_id"]
-            ref = by_id.get(key, {})
-            rows.append(
-                {
-                    "task": task,
-                    "id": key,
-                    "prompt": ref.get("question", ""),
-                    "prediction": r.get("caption", r.get("answer")),
-                    "reference": (ref.get("references") or ref.get("answers") or [""])[0],
-                }
-            )
-        return values, rows
 
     def _log_samples(self, rows: list[dict[str, Any]]) -> None:
         """Sample predictions to every logger that can show text; CSV-only runs get a JSON file."""
@@ -481,22 +470,143 @@ def _to(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     return None if x is None else x.to(device)
 
 
-def _gather_lists(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Concatenate a list from every rank (rank order), dropping duplicates by id."""
+def _gather_lists(items: list[dict[str, Any]], key: str | None = None) -> list[dict[str, Any]]:
+    """Concatenate a list from every rank (rank order); with ``key``, keep the first of equal keys."""
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        parts: list[list[dict[str, Any]]] = [None] * dist.get_world_size()  # type: ignore[list-item]
+        dist.all_gather_object(parts, items)
+        items = [item for part in parts for item in part]
+    if key is None:
         return items
-    parts: list[list[dict[str, Any]]] = [None] * dist.get_world_size()  # type: ignore[list-item]
-    dist.all_gather_object(parts, items)
     seen, out = set(), []
-    for part in parts:
-        for item in part:
-            key = (item.get("image_id"), item.get("question_id"))
-            if key not in seen:
-                seen.add(key)
-                out.append(item)
+    for item in items:
+        if item[key] not in seen:
+            seen.add(item[key])
+            out.append(item)
     return out
+
+
+def batch_task(batch: Mapping[str, Any]) -> str:
+    """``caption`` / ``vqa`` evaluation batch, or ``train`` (teacher-forcing layout)."""
+    if "references" in batch:
+        return "caption"
+    if "question_ids" in batch:
+        return "vqa"
+    if "input_ids" in batch:
+        return "train"
+    raise ValueError(f"unrecognised batch with keys {sorted(batch)} (see docs/interfaces.md 'Batches')")
+
+
+def most_common(answers: list[str]) -> str:
+    """The plurality answer (first seen wins ties): VQAv2's ``multiple_choice_answer`` in spirit."""
+    return Counter(answers).most_common(1)[0][0] if answers else ""
+
+
+def teacher_forcing_batch(
+    batch: Mapping[str, Any], task: str, tokenizer: Any, max_text_len: int
+) -> dict[str, Any] | None:
+    """An evaluation batch -> the training layout, with its reference as the target.
+
+    Captions: each image's first reference; VQA: each question's most common answer, the image
+    repeated per question (``images[image_index]``). The sequence is the batch's own
+    ``[bos] prompt`` ids (left padding removed) + the target encoded as the collate function does
+    (``target_text``, EOS, cut at ``max_text_len``), so the loss measures exactly what training
+    optimises. Rows without a reference (a test split without answers) are dropped; None if none is left.
+    """
+    from .data.collate import IGNORE_INDEX, pad_right
+    from .data.prompts import target_text
+
+    if task == "caption":
+        targets = [refs[0] if refs else "" for refs in batch["references"]]
+        rows = torch.arange(len(targets))
+    else:
+        targets = [most_common(list(a)) for a in batch["answers"]]
+        rows = batch["image_index"].cpu()
+    keep = [i for i, t in enumerate(targets) if t]
+    if not keep:
+        return None
+    seqs, labels = [], []
+    for i in keep:
+        p = batch["prompt_ids"][i][batch["prompt_mask"][i].bool()].tolist()  # [bos] prompt
+        tgt = tokenizer.encode(target_text(targets[i], "x" if len(p) > 1 else "")) + [tokenizer.eos_token_id]
+        tgt = tgt[: max(1, max_text_len - len(p))]
+        seqs.append(p + tgt)
+        labels.append([IGNORE_INDEX] * len(p) + tgt)
+    dev = batch["prompt_ids"].device
+    input_ids, attention_mask = pad_right(seqs, tokenizer.pad_token_id)
+    lab, _ = pad_right(labels, IGNORE_INDEX)
+    idx = rows[keep].to(batch["images"].device)
+    out = {
+        "images": batch["images"].index_select(0, idx),
+        "input_ids": input_ids.to(dev),
+        "attention_mask": attention_mask.to(dev),
+        "labels": lab.to(dev),
+    }
+    if batch.get("image_sizes") is not None:
+        out["image_sizes"] = batch["image_sizes"].index_select(0, idx.to(batch["image_sizes"].device))
+    return out
+
+
+def eval_records(
+    task: str, batch: Mapping[str, Any], preds: list[str]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(results in the official format, the references needed to score them) for one batch."""
+    results, refs = [], []
+    if task == "caption":
+        for img, pred, ref in zip(batch["image_ids"], preds, batch["references"]):
+            results.append({"image_id": int(img), "caption": pred})
+            refs.append({"image_id": int(img), "references": list(ref)})
+        return results, refs
+    for i, pred in enumerate(preds):
+        if not batch["answers"][i]:  # unanswered (test split): nothing to score against
+            continue
+        results.append({"question_id": int(batch["question_ids"][i]), "answer": pred})
+        refs.append(
+            {
+                "question_id": int(batch["question_ids"][i]),
+                "image_id": int(batch["image_ids"][i]),
+                "question": batch["questions"][i],
+                "answers": list(batch["answers"][i]),
+                "question_type": batch["question_types"][i],
+                "answer_type": batch["answer_types"][i],
+            }
+        )
+    return results, refs
+
+
+def score_task(task: str, results: list[dict], refs: list[dict], prefix: str) -> dict[str, float]:
+    """``{prefix}/CIDEr`` and ``/Bleu_4`` (pycocoevalcap, PTB-tokenized) or ``{prefix}/vqa_acc`` (official, 0-100)."""
+    from . import metrics as M
+
+    if task == "caption":
+        # CIDEr and BLEU-4 only: METEOR's Java start-up (~5 s) is too slow for every validation
+        scores = M.score_captions(
+            {r["image_id"]: r["references"] for r in refs},
+            {r["image_id"]: r["caption"] for r in results},
+            metrics=["Bleu_4", "CIDEr"],
+            spice=False,
+        )
+        return {f"{prefix}/CIDEr": float(scores["CIDEr"]), f"{prefix}/Bleu_4": float(scores["Bleu_4"])}
+    scores = M.vqa_accuracy(results, vqa_annotations(refs))
+    return {f"{prefix}/vqa_acc": float(scores["overall"])}
+
+
+def sample_rows(task: str, results: list[dict], refs: list[dict], n: int) -> list[dict[str, Any]]:
+    """The first ``n`` predictions beside their first reference, for the loggers."""
+    rows = []
+    for r, ref in list(zip(results, refs))[:n]:
+        rows.append(
+            {
+                "task": task,
+                "id": r.get("image_id", r.get("question_id")),
+                "prompt": ref.get("question", ""),
+                "prediction": r.get("caption", r.get("answer")),
+                "reference": (ref.get("references") or ref.get("answers") or [""])[0],
+            }
+        )
+    return rows
 
 
 def vqa_annotations(refs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -510,7 +620,7 @@ def vqa_annotations(refs: list[dict[str, Any]]) -> dict[str, Any]:
                 "question_type": r["question_type"],
                 "answer_type": r["answer_type"],
                 "answers": [{"answer": a, "answer_id": i + 1} for i, a in enumerate(r["answers"])],
-                "multiple_choice_answer": r["answers"][0] if r["answers"] else "",
+                "multiple_choice_answer": most_common(r["answers"]),
             }
         )
     return {"annotations": anns}
