@@ -96,7 +96,8 @@ class Processor:
     caption_template: str = ""
     vqa_template: str = "Question: {q} Answer:"
     pad_to_multiple_of: int = 1
-    skipped: int = field(default=0, init=False)
+    skipped: int = field(default=0, init=False)  # images that failed to decode
+    attempts: int = field(default=0, init=False)  # images decoded or tried
 
     def __post_init__(self) -> None:
         self.transform = make_transform(self.vision_mode, self.img_size, self.patch_size, self.max_img_size)
@@ -106,6 +107,7 @@ class Processor:
     # -- images --------------------------------------------------------------------------------------
     def decode(self, key: str, data: bytes) -> torch.Tensor | None:
         """uint8 (3, h, w), or None (counted, logged) when the bytes do not decode."""
+        self.attempts += 1
         try:
             return self.transform(load_image(data, draft_size=self.transform.draft_size))
         except ImageDecodeError as err:

@@ -97,9 +97,10 @@ class _Stream(IterableDataset):
 
     def _guard(self) -> None:
         bad = self.skipped + self.processor.skipped
-        if bad > 10 and bad > self.max_skip_fraction * max(self.seen, 1):
+        seen = max(self.seen, self.processor.attempts, 1)  # VQA training decodes an image once per question
+        if bad > 10 and bad > self.max_skip_fraction * seen:
             raise RuntimeError(
-                f"{bad} of {self.seen} samples were corrupt (more than max_skip_fraction={self.max_skip_fraction}); "
+                f"{bad} of {seen} samples were corrupt (more than max_skip_fraction={self.max_skip_fraction}); "
                 "the shards are damaged: re-run the prepare script"
             )
 

@@ -3,9 +3,16 @@
 Each image (default 64x64, JPEG) shows one to three shapes (circle, square, triangle) in six colours, two
 sizes, in distinct cells of a 3x3 grid; the cell gives the coarse position ("top left", "center",
 ...). Colours are distinct within an image, so "the red object" is always unambiguous. Every image
-gets five captions from varied templates (objects listed in reading order) and five questions, one
-per type, each with ten answers in the VQAv2 style: mostly right, some synonyms ("violet", "middle",
-"two"), some wrong, the right one always the plurality (so it is ``multiple_choice_answer``).
+gets five captions from varied templates that all name every object's colour and shape (objects in
+reading order; a colour-free template would make the "most frequent caption" baseline strong), and
+five questions, one per type, each with ten answers in the VQAv2 style: mostly right, some synonyms
+("violet", "middle", "two"), some wrong, the right one always the plurality (so it is
+``multiple_choice_answer``).
+
+Trivial baselines on the default build (val, seed 0): per-question-type majority answer 34.8 VQA
+accuracy (colour 20.9, shape 36.0, count 39.7, position 15.4, yes/no 62.2; wrong annotator answers
+give partial credit); the most frequent training caption scores CIDEr 0.53, naming the true colours
+with random shapes 2.8, the true objects in one template 5.5.
 
 ========================  ===================  ===========  ===============================
 question type             example              answer type  answers
@@ -14,7 +21,7 @@ what color is the         ... the triangle?    other        6 colours
 what shape is the         ... the red object?  other        circle / square / triangle
 how many                  ... circles are...?  number       0-3
 where is the              ... the blue square? other        9 cells
-is there a                ... green circle?    yes/no       balanced, half hard negatives
+is there a                ... green circle?    yes/no       balanced; 30% hard negatives
 ========================  ===================  ===========  ===============================
 
 Everything is a function of (seed, split, index): the same call gives byte-identical files, in any
@@ -208,9 +215,9 @@ def make_captions(rng: random.Random, shapes: list[Shape]) -> list[str]:
             f"{n} shapes: {plain}.",
             f"there are {n} shapes: {plain}.",
             f"{with_pos}.",
-            f"an image with {counts}.",
+            f"an image with {plain}.",
             f"{n} shapes on a plain background: {plain}.",
-            f"a picture of {counts}.",
+            f"a picture of {counts}: {plain}.",
             f"{with_size}.",
         ]
     return rng.sample(pool, 5)
@@ -226,9 +233,9 @@ def make_answers(rng: random.Random, answer: str, kind: str) -> list[dict[str, A
         out = []
         for _ in range(10):
             u = rng.random()
-            if u < 0.78:
+            if u < 0.82:
                 out.append((answer, "yes"))
-            elif u < 0.9:
+            elif u < 0.93:
                 if kind == "number":
                     syn = [NUMBER_WORDS[int(answer)]]
                 else:
@@ -283,7 +290,7 @@ def make_questions(rng: random.Random, shapes: list[Shape]) -> list[dict[str, An
         ref = rng.choice(shapes)
         absent = [(c, k) for c in COLORS for k in SHAPES if (c, k) not in present]
         hard = [(c, k) for c, k in absent if c == ref.color or k == ref.kind]  # shares colour or shape
-        color, kind = rng.choice(hard if hard and rng.random() < 0.5 else absent)
+        color, kind = rng.choice(hard if hard and rng.random() < 0.3 else absent)
         ans = "no"
     qs.append((f"is there {_a(color, kind)}?", "is there a", "yes/no", ans, "yesno"))
 
