@@ -328,6 +328,20 @@ def test_corrupt_samples_are_skipped_and_counted(data_dir, tmp_path, caplog):
     assert "2 corrupt sample(s) skipped" in caplog.text or "corrupt sample(s) skipped" in caplog.text
 
 
+def test_corrupt_training_samples_are_dropped_from_their_batch(data_dir, tmp_path):
+    shutil.copytree(data_dir / "shapes", tmp_path / "shapes")
+    for shard in (tmp_path / "shapes" / "train").glob("shard-*.tar"):  # first sample of every shard
+        samples = list(wds.WebDataset(str(shard), shardshuffle=False))
+        samples[0]["jpg"] = samples[0]["jpg"][:100]
+        with wds.TarWriter(str(shard)) as w:
+            for s in samples:
+                w.write({k: v for k, v in s.items() if k in ("__key__", "jpg", "json")})
+    dm = caption_dm(tmp_path, batches_per_epoch=20, max_skip_fraction=0.5)
+    sizes = [b["images"].shape[0] for b in dm.train_dataloader()]
+    assert len(sizes) == 20 and 4 in sizes  # the epoch keeps its length
+    assert dm.skipped_samples == 80 - sum(sizes) > 0  # every missing pair was counted
+
+
 def test_bulk_corruption_raises(data_dir, tmp_path):
     shutil.copytree(data_dir / "shapes", tmp_path / "shapes")
     for shard in (tmp_path / "shapes" / "val").glob("shard-*.tar"):

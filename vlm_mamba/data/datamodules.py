@@ -227,6 +227,11 @@ class _StreamingDataModule(L.LightningDataModule):
             self._tokenizer = TextTokenizer.load(self.tokenizer_path)
         return self._tokenizer
 
+    @tokenizer.setter
+    def tokenizer(self, tokenizer: TextTokenizer) -> None:
+        """Use this tokenizer (e.g. the one saved with a checkpoint) instead of loading ``tokenizer_path``."""
+        self._tokenizer = tokenizer
+
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
