@@ -145,6 +145,7 @@ def main() -> int:
             "torch": torch.__version__,
             "pillow": Image.__version__,
         },
+        "load_average_1_5_15min_at_end": [round(x, 2) for x in os.getloadavg()],
         "coco_like_avg_jpeg_kb": round(float(avg_kb), 1),
         "note": "2-core machine shared with other jobs: figures are noisy; workers compete with the main process",
         "rows": rows,

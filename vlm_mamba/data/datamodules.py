@@ -15,6 +15,10 @@ num_workers; a mismatch is logged and the skip is then approximate.
 
 Counting skips. Corrupt samples are skipped in the workers and counted; the count reaches
 ``datamodule.skipped_samples`` (and a logged warning) as the batches arrive.
+
+Evaluation under DDP. Each rank reads a contiguous slice of the split (sizes within one sample), so
+ranks may run one batch more or fewer: gather predictions at epoch end (``all_gather_object``)
+rather than calling collectives per validation step.
 """
 
 from __future__ import annotations
