@@ -380,10 +380,9 @@ def _split_name(annotations_path: str | Path) -> str:
 
 def run_predict(cfg: Mapping[str, Any]) -> str:
     """mode=predict: caption ``image``, or answer ``question`` about it."""
-    from .data.collate import pad_left
+    from .data.collate import Processor, pad_left
     from .data.images import load_image
     from .data.prompts import CAPTION_PROMPT, VQA_PROMPT, caption_prompt, vqa_prompt
-    from .data.transforms import make_transform
 
     if not cfg.get("ckpt_path") or not cfg.get("image"):
         raise ValueError("mode=predict needs ckpt_path=... and image=photo.jpg (question=... to ask one)")
@@ -392,18 +391,24 @@ def run_predict(cfg: Mapping[str, Any]) -> str:
     if tok is None:
         raise ValueError(f"{cfg['ckpt_path']} carries no tokenizer: cannot read a prompt or write text")
     v = model.config.vision
-    pixels = make_transform(model.config.vision_mode, v.img_size, v.patch_size, v.max_img_size)(
-        load_image(cfg["image"])
-    )  # (3, h, w)
+    proc = Processor(
+        tokenizer=tok,
+        vision_mode=model.config.vision_mode,
+        img_size=v.img_size,
+        patch_size=v.patch_size,
+        max_img_size=v.max_img_size,
+    )
+    batch = proc.stack_images(
+        [proc.transform(load_image(cfg["image"]))]
+    )  # images (1, 3, H, W) [+ image_sizes]
     question = cfg.get("question")
     if question:
         prompt, task = vqa_prompt(question, cfg.get("prompt") or VQA_PROMPT), "vqav2"
     else:
         prompt, task = caption_prompt(cfg.get("prompt") or CAPTION_PROMPT), "coco_caption"
-    ids, mask = pad_left([[tok.bos_token_id] + tok.encode(prompt)], tok.pad_token_id)
-    batch = {"images": pixels[None], "prompt_ids": ids, "prompt_mask": mask}
-    if model.config.vision_mode == "fuyu":
-        batch["image_sizes"] = torch.tensor([list(pixels.shape[-2:])])
+    batch["prompt_ids"], batch["prompt_mask"] = pad_left(
+        [[tok.bos_token_id] + tok.encode(prompt)], tok.pad_token_id
+    )
     answer = predict_batch(model, tok, batch, cfg["generation"][task], device)[0]
     print(answer)
     return answer
