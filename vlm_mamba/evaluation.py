@@ -291,7 +291,7 @@ def build_datamodule(cfg: Mapping[str, Any], model, tokenizer):
         kw["prompt"] = cfg["prompt"]
     dm = (CaptionDataModule if cfg["task"] == "coco_caption" else VQADataModule)(**kw)
     if tokenizer is not None:
-        dm._tokenizer = tokenizer
+        dm.tokenizer = tokenizer
     return dm
 
 
