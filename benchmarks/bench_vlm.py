@@ -55,7 +55,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from peer_transformer import KVCache, build_peer, match_peer_config  # noqa: E402
 
-from vlm_mamba import create_model, get_config  # noqa: E402
+from vlm_mamba import create_model, get_config, list_models  # noqa: E402
 from vlm_mamba.ops import cuda_unavailable_reason, kernel_family  # noqa: E402
 
 MiB = 2**20
@@ -71,7 +71,7 @@ class Plan:
     lengths: list[int]
     batches: list[int]
     decode_lengths: list[int]
-    prompt_len: int
+    prompt_lens: list[int]
     warmup: int
     repeat: int
     gen_repeat: int
@@ -81,16 +81,16 @@ class Plan:
 
     @classmethod
     def gpu(cls) -> Plan:
-        return cls(["base"], [64, 256, 1024, 2048], [1, 8], [32, 128, 512], 32, 2, 5, 3, 220.0)
+        return cls(["base"], [64, 256, 1024, 2048], [1, 8], [32, 128, 512], [32, 1024], 2, 5, 2, 220.0)
 
     @classmethod
     def cpu(cls) -> Plan:
-        return cls(["demo"], [32, 128], [1, 4], [16, 64], 8, 1, 3, 2, 600.0)
+        return cls(["demo"], [32, 128, 512], [1, 4], [16, 64, 256], [8, 512], 1, 3, 2, 600.0)
 
     @classmethod
     def quick(cls) -> Plan:
         # one thread: on a shared 2-core machine two threads spin against other processes
-        return cls(["tiny", "demo"], [32, 128], [1, 4], [16, 64], 8, 1, 3, 2, 110.0, threads=1)
+        return cls(["tiny", "demo"], [32, 128], [1, 4], [16, 64], [8, 128], 1, 3, 2, 110.0, threads=1)
 
 
 # ----------------------------------------------------------------------------------- measuring
@@ -364,7 +364,7 @@ class Runner:
         status = rec.get("error") or rec.get("skipped") or f"{rec.get('median_ms', float('nan')):.2f} ms"
         print(
             f"  {rec['section']:<8} {rec['model']:<12} b={rec['batch']:<3} "
-            f"{'len' if rec['section'] != 'decode' else 'new'}={rec.get('length', rec.get('new_tokens'))}: {status}",
+            f"{'length' if rec['section'] != 'decode' else 'prompt+new'}={case_label(rec)}: {status}",
             flush=True,
         )
 
@@ -422,8 +422,10 @@ class Runner:
     # ------------------------------------------------------------------ 3. decoding
     def decode(self, size: str, subjects: list[Subject], info: dict) -> None:
         ns = sorted(self.plan.decode_lengths)
-        for b in self.plan.batches:
-            images, prompt = self.inputs(info["vlmamba_config"], b, self.plan.prompt_len)
+        for b, plen in sorted(
+            ((b, q) for b in self.plan.batches for q in self.plan.prompt_lens), key=lambda c: (c[0] * c[1], c)
+        ):
+            images, prompt = self.inputs(info["vlmamba_config"], b, plen)
             for s in subjects:
                 s.model.eval()
                 curves: list[list[float]] = []
@@ -462,12 +464,12 @@ class Runner:
                                 "state_bytes": state_bytes, "tokens_per_s": b * n / (med / 1e3)}  # fmt: skip
 
                     rec = {"section": "decode", "size": size, "model": s.name, "batch": b,
-                           "new_tokens": n, "prompt_len": self.plan.prompt_len}  # fmt: skip
+                           "prompt_len": plen, "new_tokens": n}  # fmt: skip
                     self.guarded(rec, measure, subjects)
                 if curves:  # per-token latency along the longest run: element-wise median over repeats
                     curve = [median(xs) for xs in zip(*curves)]
                     self.records.append({"section": "decode_curve", "size": size, "model": s.name,
-                                         "batch": b, "prompt_len": self.plan.prompt_len,
+                                         "batch": b, "prompt_len": plen,
                                          "latency_ms_per_step": curve,
                                          "window_median_ms": window_medians(curve, ns)})  # fmt: skip
 
@@ -483,6 +485,15 @@ def window_medians(curve: list[float], ns: list[int]) -> dict[str, float]:
 
 
 # ----------------------------------------------------------------------------------- reporting
+def cpu_name() -> str:
+    """The CPU model from /proc/cpuinfo (Linux), else what ``platform`` knows."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device, precision: str) -> dict:
     def version(pkg: str) -> str | None:
         try:
@@ -492,9 +503,7 @@ def environment(device: torch.device, precision: str) -> dict:
 
     env = {
         "device": device.type,
-        "device_name": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else platform.processor() or platform.machine(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
         "cpu_count": os.cpu_count(),
         "load_average_1_5_15min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "torch_threads": torch.get_num_threads(),
@@ -514,13 +523,22 @@ def environment(device: torch.device, precision: str) -> dict:
     return env
 
 
+def case_key(rec: dict) -> tuple[int, ...]:
+    """Train/prefill: (text length,); decode: (prompt length, new tokens)."""
+    return (rec["length"],) if "length" in rec else (rec["prompt_len"], rec["new_tokens"])
+
+
+def case_label(rec: dict) -> str:
+    return "+".join(str(v) for v in case_key(rec))
+
+
 def paired_rows(records: list[dict]) -> list[dict]:
     """One row per (section, size, batch, length) and metric, with both models and the ratio."""
     by_key: dict[tuple, dict[str, dict]] = {}
     for r in records:
         if r["section"] == "decode_curve":
             continue
-        key = (r["section"], r["size"], r["batch"], r.get("length", r.get("new_tokens")))
+        key = (r["section"], r["size"], r["batch"], case_label(r))
         by_key.setdefault(key, {})[r["model"]] = r
     rows = []
     metrics = {
@@ -566,7 +584,7 @@ def print_tables(records: list[dict], env: dict) -> None:
     titles = {
         "train": "training step (forward + backward), length = text tokens after the image",
         "prefill": "prefill (generate 1 token), length = prompt tokens after the image",
-        "decode": "decoding (generate), length = new tokens after a short prompt; ms = whole call",
+        "decode": "decoding (generate), length = prompt + new tokens; ms = the whole call, prefill included",
     }
     rows = paired_rows(records)
     for section, title in titles.items():
@@ -584,18 +602,19 @@ def print_tables(records: list[dict], env: dict) -> None:
     curves = [r for r in records if r["section"] == "decode_curve"]
     if curves:
         table = Table(
-            title="per-token decode latency (ms), median over the tokens (n/2, n]", title_justify="left"
+            title="per-token decode latency (ms), median over new tokens (n/2, n] of the longest run",
+            title_justify="left",
         )
-        for col in ("size", "batch", "new tokens n", "VLMamba", "Transformer", "Mamba/peer"):
+        for col in ("size", "batch", "prompt", "new tokens n", "VLMamba", "Transformer", "Mamba/peer"):
             table.add_column(col, justify="right")
         pairs: dict[tuple, dict] = {}
         for c in curves:
-            pairs.setdefault((c["size"], c["batch"]), {})[c["model"]] = c["window_median_ms"]
-        for (size, b), pair in pairs.items():
+            pairs.setdefault((c["size"], c["batch"], c["prompt_len"]), {})[c["model"]] = c["window_median_ms"]
+        for (size, b, plen), pair in pairs.items():
             m, p = pair.get("vlmamba", {}), pair.get("transformer", {})
             for n in sorted(set(m) | set(p), key=int):
                 ratio = f"{m[n] / p[n]:.2f}" if n in m and n in p and p[n] else "-"
-                table.add_row(size, str(b), n, _fmt(m.get(n)), _fmt(p.get(n)), ratio)
+                table.add_row(size, str(b), str(plen), n, _fmt(m.get(n)), _fmt(p.get(n)), ratio)
         console.print(table)
     console.print(
         "Mamba/peer < 1: VLMamba is faster (ms) or smaller (MiB); > 1 for tokens/s: VLMamba is faster."
@@ -612,14 +631,12 @@ def claims(records: list[dict]) -> list[dict]:
         for size in dict.fromkeys(r["size"] for r in recs):
             mine = [r for r in recs if r["size"] == size]
             b = max(r["batch"] for r in mine)
-            n = max(r.get("length", r.get("new_tokens")) for r in mine if r["batch"] == b)
-            pair = {
-                r["model"]: r for r in mine if r["batch"] == b and r.get("length", r.get("new_tokens")) == n
-            }
+            n = max(case_key(r) for r in mine if r["batch"] == b)
+            pair = {r["model"]: r for r in mine if r["batch"] == b and case_key(r) == n}
             if set(pair) != {"vlmamba", "transformer"}:
                 continue
             m, p = pair["vlmamba"], pair["transformer"]
-            row = {"section": section, "size": size, "batch": b, "length": n,
+            row = {"section": section, "size": size, "batch": b, "length": "+".join(map(str, n)),
                    "speedup_transformer_ms_over_vlmamba_ms": p["median_ms"] / m["median_ms"]}  # fmt: skip
             if m.get("peak_bytes") and p.get("peak_bytes"):
                 row["memory_reduction_1_minus_vlmamba_over_transformer"] = (
@@ -659,7 +676,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--lengths", nargs="+", type=int, help="text lengths for training and prefill")
     ap.add_argument("--batch", nargs="+", type=int, help="batch sizes")
     ap.add_argument("--decode-lengths", nargs="+", type=int, help="numbers of new tokens to generate")
-    ap.add_argument("--prompt-len", type=int, help="prompt tokens before decoding")
+    ap.add_argument("--prompt-lens", nargs="+", type=int, help="prompt tokens before decoding (one run each)")
     ap.add_argument("--warmup", type=int)
     ap.add_argument("--repeat", type=int, help="timed runs per training/prefill case (median reported)")
     ap.add_argument("--gen-repeat", type=int, help="timed runs per decoding case")
@@ -678,16 +695,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def make_plan(args: argparse.Namespace, device: torch.device) -> Plan:
     plan = Plan.quick() if args.quick else Plan.gpu() if device.type == "cuda" else Plan.cpu()
     for arg, attr in (("size", "sizes"), ("lengths", "lengths"), ("batch", "batches"),
-                      ("decode_lengths", "decode_lengths"), ("prompt_len", "prompt_len"), ("warmup", "warmup"),
+                      ("decode_lengths", "decode_lengths"), ("prompt_lens", "prompt_lens"), ("warmup", "warmup"),
                       ("repeat", "repeat"), ("gen_repeat", "gen_repeat"), ("sections", "sections"),
                       ("time_budget", "time_budget_s"), ("threads", "threads")):  # fmt: skip
         if getattr(args, arg) is not None:
             setattr(plan, attr, getattr(args, arg))
     checks = {"--lengths": plan.lengths, "--batch": plan.batches, "--decode-lengths": plan.decode_lengths,
-              "--prompt-len": [plan.prompt_len], "--repeat": [plan.repeat], "--gen-repeat": [plan.gen_repeat]}  # fmt: skip
+              "--prompt-lens": plan.prompt_lens, "--repeat": [plan.repeat], "--gen-repeat": [plan.gen_repeat]}  # fmt: skip
     for flag, values in checks.items():
         if any(v < 1 for v in values):
             raise SystemExit(f"{flag}: values must be >= 1, got {values}")
+    unknown = [z for z in plan.sizes if z not in list_models()]
+    if unknown:
+        raise SystemExit(f"--size: unknown {unknown}; registered sizes: {list_models()}")
     if plan.warmup < 0:
         raise SystemExit(f"--warmup must be >= 0, got {plan.warmup}")
     return plan
