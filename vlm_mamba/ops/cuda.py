@@ -51,6 +51,8 @@ def causal_conv1d(x, weight, bias=None, initial_states=None, return_final_states
     K = load()
     k = weight.shape[-1]
     xp = torch.cat([initial_states.to(x.dtype), x], dim=-1) if initial_states is not None else x
+    if xp.stride(-1) != 1 and (xp.stride(0) % 8 or xp.stride(2) % 8):
+        xp = xp.contiguous()  # the channel-last kernel needs strides that are multiples of 8
     y = K.causal_conv1d_fn(xp, weight, bias, activation=activation)
     if initial_states is not None:
         y = y[..., k - 1 :]

@@ -1,0 +1,217 @@
+"""Language-model speed: ms per forward+backward for a tiny and a small LanguageMamba, and the scans
+behind it (the pure-PyTorch forms vs the sequential reference), with transformers' Mamba/Mamba2
+(slow path, i.e. its own PyTorch code) as a peer. Not a test: prints a table and writes JSON.
+
+    python benchmarks/bench_lm.py                 # CPU, results in benchmarks/results/bench_lm.json
+    python benchmarks/bench_lm.py --device cuda   # on a GPU: kernels vs the torch path
+
+Every figure is the median over ``--reps`` timed runs after one warm-up run. On a shared CPU the
+numbers are noisy; compare rows measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vlm_mamba.config import LanguageConfig  # noqa: E402
+from vlm_mamba.models.language import LanguageMamba  # noqa: E402
+from vlm_mamba.ops import reference as R  # noqa: E402
+from vlm_mamba.ops import torch_ops as T  # noqa: E402
+
+SIZES = {  # defined here, not in the registry: benchmark shapes only
+    "tiny": dict(d_model=64, n_layers=2, vocab_size=512, d_state=16, headdim=32),
+    "small": dict(d_model=256, n_layers=4, vocab_size=8192, d_state=16, headdim=64),
+}
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, reps: int, device: str) -> float:
+    """Median ms of fn() over ``reps`` runs after one warm-up."""
+    fn()
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        t = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t) * 1e3)
+    return statistics.median(times)
+
+
+def lm_step_fn(model, ids, autocast: bool):
+    def run():
+        model.zero_grad(set_to_none=True)
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=autocast):
+            logits = model(ids).logits
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]).float(), ids[:, 1:].reshape(-1))
+        loss.backward()
+
+    return run
+
+
+def hf_step_fn(model, ids):
+    def run():
+        model.zero_grad(set_to_none=True)
+        model(ids, labels=ids).loss.backward()
+
+    return run
+
+
+def hf_peer(ssm: str, size: dict, device: str):
+    """transformers' model of the same size (None if transformers is missing)."""
+    try:
+        import transformers
+    except ImportError:
+        return None
+    logging.getLogger("transformers").setLevel(logging.ERROR)
+    common = dict(
+        vocab_size=size["vocab_size"], hidden_size=size["d_model"], num_hidden_layers=size["n_layers"],
+        state_size=size["d_state"],
+    )  # fmt: skip
+    if ssm == "mamba1":
+        return transformers.MambaForCausalLM(transformers.MambaConfig(**common)).to(device)
+    heads = 2 * size["d_model"] // size["headdim"]
+    cfg = transformers.Mamba2Config(
+        **common, num_heads=heads, head_dim=size["headdim"], n_groups=1, chunk_size=256
+    )
+    return transformers.Mamba2ForCausalLM(cfg).to(device)
+
+
+def bench_lms(device: str, batch: int, lengths: list[int], reps: int, peer: bool) -> list[dict]:
+    rows = []
+    kernels = ["auto", "torch"] if device == "cuda" else ["torch"]
+    for name, size in SIZES.items():
+        for ssm in ("mamba1", "mamba2"):
+            for L in lengths:
+                ids = torch.randint(0, size["vocab_size"], (batch, L), device=device)
+                for kernel in kernels:
+                    cfg = LanguageConfig(**size, ssm=ssm, kernel=kernel, chunk_size=256)
+                    torch.manual_seed(0)
+                    model = LanguageMamba(cfg).to(device).train()
+                    precisions = ["fp32", "bf16-autocast"] if device == "cuda" else ["fp32"]
+                    for prec in precisions:
+                        ms = timed(lm_step_fn(model, ids, prec != "fp32"), reps, device)
+                        rows.append(dict(section="lm", size=name, ssm=ssm, L=L, batch=batch, impl=f"vlm_mamba[{kernel}]",
+                                         precision=prec, ms=ms))  # fmt: skip
+                if peer:
+                    hf = hf_peer(ssm, size, device)
+                    if hf is not None:
+                        ms = timed(hf_step_fn(hf.train(), ids), reps, device)
+                        rows.append(dict(section="lm", size=name, ssm=ssm, L=L, batch=batch,
+                                         impl="transformers (own PyTorch path)", precision="fp32", ms=ms))  # fmt: skip
+                print_rows(rows[-(len(kernels) * (2 if device == "cuda" else 1) + (1 if peer else 0)) :])
+    return rows
+
+
+def bench_scans(device: str, batch: int, lengths: list[int], reps: int, ref_max_len: int) -> list[dict]:
+    """The small LM's scan shapes: Mamba-1 (b, e=512, n=16), Mamba-2 (b, h=8, p=64, n=16)."""
+    rows = []
+    b, e, n, h, p = batch, 512, 16, 8, 64
+    for L in lengths:
+        g = torch.Generator(device=device).manual_seed(0)
+        r = lambda *s, g=g: torch.randn(*s, device=device, generator=g)
+        m1 = [
+            r(b, e, L),
+            r(b, e, L) * 0.1,
+            -torch.rand(e, n, device=device, generator=g),
+            r(b, n, L),
+            r(b, n, L),
+            r(e),
+        ]
+        m2 = [
+            r(b, L, h, p),
+            r(b, L, h) * 0.1,
+            -torch.rand(h, device=device, generator=g),
+            r(b, L, 1, n),
+            r(b, L, 1, n),
+        ]
+        impls = {
+            "mamba1": {
+                "torch loop (chosen)": lambda u, d, A, B, C, D: T.selective_scan_loop(u, d, A, B, C, D),
+                "torch chunked doubling scan": lambda u, d, A, B, C, D: T.selective_scan_chunked(
+                    u, d, A, B, C, D
+                ),
+                "sequential reference": lambda u, d, A, B, C, D: R.selective_scan_ref(u, d, A, B, C, D),
+            },
+            "mamba2": {
+                "torch SSD chunked (chosen)": lambda x, dt, A, B, C: T.ssd_chunked(x, dt, A, B, C, 256),
+                "torch loop": lambda x, dt, A, B, C: T.ssd_loop(x, dt, A, B, C, 256),
+                "sequential reference": lambda x, dt, A, B, C: R.ssd_chunk_scan_ref(x, dt, A, B, C, 256),
+            },
+        }
+        for ssm, inputs in (("mamba1", m1), ("mamba2", m2)):
+            for impl, fn in impls[ssm].items():
+                if impl == "sequential reference" and L > ref_max_len:
+                    continue
+
+                def run(fn=fn, inputs=inputs):
+                    leaves = [t.detach().requires_grad_(True) for t in inputs]
+                    fn(*leaves).sum().backward()
+
+                ms = timed(run, reps, device)
+                rows.append(dict(section="scan", ssm=ssm, L=L, batch=b, impl=impl, precision="fp32", ms=ms))
+            print_rows([r for r in rows if r["L"] == L and r["ssm"] == ssm])
+    return rows
+
+
+def print_rows(rows: list[dict]) -> None:
+    for r in rows:
+        what = f"{r.get('size', 'scan'):>5} {r['ssm']:<6} b={r['batch']} L={r['L']:<4}"
+        print(f"{r['section']:<4} {what} {r['impl']:<34} {r['precision']:<13} {r['ms']:9.1f} ms", flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[64, 128])
+    ap.add_argument("--scan-lengths", type=int, nargs="+", default=[64, 128, 256])
+    ap.add_argument("--ref-max-len", type=int, default=128, help="skip the slow reference above this length")
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--no-peer", action="store_true", help="skip transformers' models")
+    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_lm[_cuda].json)")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}", flush=True)
+    rows = bench_lms(args.device, args.batch, args.lengths, args.reps, peer=not args.no_peer)
+    rows += bench_scans(args.device, args.batch, args.scan_lengths, args.reps, args.ref_max_len)
+    meta = {
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": torch.cuda.get_device_name()
+        if args.device == "cuda"
+        else platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "reps": args.reps,
+        "sizes": SIZES,
+        "note": "ms = median wall time of one forward+backward (loss.backward for LMs, sum().backward for scans)",
+    }
+    out = Path(args.out) if args.out else Path(__file__).parent / "results" / (
+        "bench_lm.json" if args.device == "cpu" else "bench_lm_cuda.json"
+    )  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
