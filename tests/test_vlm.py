@@ -226,3 +226,34 @@ def test_save_pretrained_round_trip(tmp_path, overrides):
 def test_from_pretrained_reports_missing_directory(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         VLMamba.from_pretrained(tmp_path / "nope")
+
+
+@pytest.mark.parametrize("order", ["image_first", "text_first"])
+def test_loss_equals_manual_sequence(order):
+    """The loss equals cross-entropy computed by hand on the assembled [prompt][image][target]
+    (or [image][text]) sequence, each target predicted at the position just before it."""
+    model = _tiny(prompt_order=order)
+    images = torch.randn(2, 3, 32, 32)
+    ids = torch.randint(1, 500, (2, 9))
+    labels = ids.clone()
+    labels[0, :3] = -100
+    labels[1, :5] = -100
+    if order == "image_first":
+        labels[0, 0] = ids[0, 0]  # a labelled first token is predicted by the last image token
+    loss = model(images, ids, labels=labels).loss
+    img, _ = model.encode_images(images)
+    p = img.shape[1]
+    total, n = 0.0, 0
+    for i in range(2):
+        split = 0 if order == "image_first" else int((labels[i] == -100).sum())
+        txt = model.language.embed(ids[i : i + 1])
+        seq = torch.cat([txt[:, :split], img[i : i + 1], txt[:, split:]], 1)
+        logits = model.language(inputs_embeds=seq).logits[0]  # (l, V)
+        pos = [k if k < split else k + p for k in range(ids.shape[1])]
+        for k in range(ids.shape[1]):
+            if labels[i, k] != -100 and pos[k] > 0:
+                total = total + torch.nn.functional.cross_entropy(
+                    logits[pos[k] - 1], labels[i, k], reduction="sum"
+                )
+                n += 1
+    torch.testing.assert_close(loss, total / n, atol=1e-5, rtol=1e-5)

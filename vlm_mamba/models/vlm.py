@@ -133,18 +133,30 @@ class VLMamba(nn.Module):
         ).hidden_states  # (b, l, d)
         text_hidden = _gather_time(hidden, text_pos)  # (b, t, d)
         logits = self.language._logits(text_hidden)  # (b, t, V)
-        loss = None
-        if labels is not None:
-            # the prediction of text token i is made at the position just before it
-            pred = _gather_time(hidden, (text_pos - 1).clamp_min(0))  # (b, t, d)
-            target_mask = labels != -100
-            target_mask[:, 0] &= text_pos[:, 0] > 0
-            loss = (
-                F.cross_entropy(self.language._logits(pred[target_mask]).float(), labels[target_mask])
-                if target_mask.any()
-                else logits.sum() * 0.0
-            )
+        loss = None if labels is None else self._loss(hidden, logits, text_pos, labels)
         return VLMambaOutput(logits=logits, loss=loss)
+
+    def _loss(
+        self, hidden: torch.Tensor, logits: torch.Tensor, text_pos: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """Mean cross-entropy over target tokens (labels != -100).
+
+        Text token k is predicted at the position just before it: text token k-1 (whose logits are
+        already computed, so the LM head runs once), except where the image sits in between; there
+        (only [prompt][image][target] and a labelled first token) the last image position predicts
+        it, and only those few rows go through the head again.
+        """
+        target = labels != -100  # (b, t)
+        after_text = torch.zeros_like(target)
+        after_text[:, 1:] = text_pos[:, 1:] - 1 == text_pos[:, :-1]
+        regular = target & after_text  # predicted by logits[:, k-1]
+        ce = F.cross_entropy(logits[:, :-1][regular[:, 1:]].float(), labels[regular], reduction="sum")
+        irregular = target & ~after_text & (text_pos > 0)  # predicted by the last image token
+        if irregular.any():
+            h = _gather_time(hidden, (text_pos - 1).clamp_min(0))[irregular]  # (m, d)
+            ce = ce + F.cross_entropy(self.language._logits(h).float(), labels[irregular], reduction="sum")
+        n = int(regular.sum() + irregular.sum())
+        return ce / n if n else logits.sum() * 0.0
 
     def _text_before_image(self, tmask: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """(b,) number of text positions placed before the image tokens."""
