@@ -388,7 +388,8 @@ class VLMambaLitModule(L.LightningModule):
                 values.update(self.trainer.strategy.broadcast(scores, src=0))
                 samples += sample_rows(task, results, refs, self.hparams.num_sample_predictions)
         for key, value in values.items():
-            self.log(key, value, prog_bar=key.endswith(("/loss", "CIDEr", "vqa_acc")), sync_dist=False)
+            # identical on every rank already; sync_dist only silences the distributed-logging warning
+            self.log(key, value, prog_bar=key.endswith(("/loss", "CIDEr", "vqa_acc")), sync_dist=True)
         if samples and stage == "val":
             self._log_samples(samples)
 

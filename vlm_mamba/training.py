@@ -205,10 +205,13 @@ def run(cfg: DictConfig) -> float | None:
     if not name:
         return None
     if name not in metrics:
-        raise ConfigError(
-            f"optimized_metric={name!r} was never logged; logged metrics: {sorted(metrics)}. "
-            "Check that validation runs (trainer.val_check_interval, limit_val_batches) and the task logs it."
+        log.warning(
+            "optimized_metric=%r was never logged (logged: %s): nothing to return to a sweeper. "
+            "Does validation run (trainer.val_check_interval, limit_val_batches)?",
+            name,
+            sorted(metrics),
         )
+        return None
     value = metrics[name]
     log.info("%s = %s", name, value)
     return value
