@@ -30,7 +30,9 @@ INIT_STD = 0.02  # embedding init std (mamba_ssm's initializer_range)
 
 @dataclass
 class LMOutput:
-    logits: Tensor  # (b,l,V) from forward, (b,V) from step; padded vocabulary rows sliced off
+    logits: (
+        Tensor | None
+    )  # (b,l,V) from forward (None for logits="none"), (b,V) from step; padded rows sliced off
     state: InferenceState | None = None  # final recurrent state (forward with return_state, step)
     hidden_states: Tensor | None = None  # (b,l,d) or (b,d), after the final norm
 
@@ -97,8 +99,13 @@ class LanguageMamba(nn.Module):
         attention_mask: Tensor | None = None,
         state: InferenceState | None = None,
         return_state: bool = False,
+        logits: str = "all",
     ) -> LMOutput:
         """input_ids (b,l) or inputs_embeds (b,l,d) -> LMOutput(logits (b,l,V), state, hidden_states).
+
+        ``logits``: ``"all"`` positions, only the ``"last"`` (b,1,V) (prefill before decoding), or
+        ``"none"`` (callers that apply the head to a subset of ``hidden_states``): the head is the
+        largest matmul at small widths, so computing it where nobody reads it is the main waste.
 
         attention_mask (b,l), 1/True = real: a 0 position is an identity step for every layer (its
         logits are meaningless). ``state`` continues from a previous prefill or step.
@@ -122,7 +129,10 @@ class LanguageMamba(nn.Module):
             else:
                 x = layer(x, mask=mask, state=st)
         h = self.norm_f(x.to(self.norm_f.weight.dtype))  # (b,l,d)
-        return LMOutput(self._logits(h), InferenceState(new_states) if return_state else None, h)
+        if logits not in ("all", "last", "none"):
+            raise ValueError(f"logits={logits!r}: expected 'all', 'last' or 'none'")
+        out = self._logits(h) if logits == "all" else self._logits(h[:, -1:]) if logits == "last" else None
+        return LMOutput(out, InferenceState(new_states) if return_state else None, h)
 
     def step(
         self,

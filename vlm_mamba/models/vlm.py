@@ -129,7 +129,7 @@ class VLMamba(nn.Module):
         split = self._text_before_image(tmask, labels)  # (b,)
         emb, mask, text_pos = _interleave(txt, tmask, img, img_mask, split)  # (b, l, d), (b, l), (b, t)
         hidden = self.language(
-            inputs_embeds=emb, attention_mask=_none_if_all(mask)
+            inputs_embeds=emb, attention_mask=_none_if_all(mask), logits="none"
         ).hidden_states  # (b, l, d)
         text_hidden = _gather_time(hidden, text_pos)  # (b, t, d)
         logits = self.language._logits(text_hidden)  # (b, t, V)
@@ -189,7 +189,9 @@ class VLMamba(nn.Module):
             img_mask = torch.cat(
                 [img_mask, torch.ones(pre.shape[:2], dtype=torch.bool, device=pre.device)], 1
             )
-        out = self.language(inputs_embeds=img, attention_mask=_none_if_all(img_mask), return_state=True)
+        out = self.language(
+            inputs_embeds=img, attention_mask=_none_if_all(img_mask), return_state=True, logits="none"
+        )
         return out.state
 
     @torch.no_grad()
@@ -232,7 +234,13 @@ class VLMamba(nn.Module):
             if image_state is None:
                 image_state = self.prefill_images(images, image_sizes)
             state = image_state.index_select(image_index)  # fork: (b, ...)
-            out = lm(inputs_embeds=txt, attention_mask=_none_if_all(pmask), state=state, return_state=True)
+            out = lm(
+                inputs_embeds=txt,
+                attention_mask=_none_if_all(pmask),
+                state=state,
+                return_state=True,
+                logits="last",
+            )
         else:
             img, img_mask = self.encode_images(images, image_sizes)
             img, img_mask = img[image_index], img_mask[image_index]  # (b, p, d), (b, p)
@@ -240,7 +248,7 @@ class VLMamba(nn.Module):
                 emb, mask = torch.cat([img, txt], 1), torch.cat([img_mask, pmask], 1)
             else:
                 emb, mask = torch.cat([txt, img], 1), torch.cat([pmask, img_mask], 1)
-            out = lm(inputs_embeds=emb, attention_mask=_none_if_all(mask), return_state=True)
+            out = lm(inputs_embeds=emb, attention_mask=_none_if_all(mask), return_state=True, logits="last")
         last = out.logits[:, -1]  # (b, V): left padding puts every row's last real token here
 
         def step_fn(tok: torch.Tensor, st):
