@@ -5,8 +5,9 @@ behind it (the pure-PyTorch forms vs the sequential reference), with transformer
     python benchmarks/bench_lm.py                 # CPU, results in benchmarks/results/bench_lm.json
     python benchmarks/bench_lm.py --device cuda   # on a GPU: kernels vs the torch path
 
-Every figure is the median over ``--reps`` timed runs after one warm-up run. On a shared CPU the
-numbers are noisy; compare rows measured in the same run.
+Each row gives the min (headline) and median over ``--reps`` timed runs after one warm-up run. On a
+shared CPU other jobs inflate times by up to 10x; the JSON records the load average; compare rows
+measured in the same run.
 """
 
 from __future__ import annotations
@@ -41,8 +42,9 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def timed(fn, reps: int, device: str) -> float:
-    """Median ms of fn() over ``reps`` runs after one warm-up."""
+def timed(fn, reps: int, device: str) -> dict:
+    """Min and median ms of fn() over ``reps`` runs after one warm-up. On a shared CPU the min is
+    the robust figure (other jobs only ever add time)."""
     fn()
     times = []
     for _ in range(reps):
@@ -51,7 +53,7 @@ def timed(fn, reps: int, device: str) -> float:
         fn()
         _sync(device)
         times.append((time.perf_counter() - t) * 1e3)
-    return statistics.median(times)
+    return {"ms": min(times), "ms_median": statistics.median(times)}
 
 
 def lm_step_fn(model, ids, autocast: bool):
@@ -93,7 +95,7 @@ def hf_peer(ssm: str, size: dict, device: str):
     return transformers.Mamba2ForCausalLM(cfg).to(device)
 
 
-def bench_lms(device: str, batch: int, lengths: list[int], reps: int, peer: bool) -> list[dict]:
+def bench_lms(device: str, batch: int, lengths: list[int], reps: int, peer_lengths: list[int]) -> list[dict]:
     rows = []
     kernels = ["auto", "torch"] if device == "cuda" else ["torch"]
     for name, size in SIZES.items():
@@ -106,15 +108,16 @@ def bench_lms(device: str, batch: int, lengths: list[int], reps: int, peer: bool
                     model = LanguageMamba(cfg).to(device).train()
                     precisions = ["fp32", "bf16-autocast"] if device == "cuda" else ["fp32"]
                     for prec in precisions:
-                        ms = timed(lm_step_fn(model, ids, prec != "fp32"), reps, device)
+                        t = timed(lm_step_fn(model, ids, prec != "fp32"), reps, device)
                         rows.append(dict(section="lm", size=name, ssm=ssm, L=L, batch=batch, impl=f"vlm_mamba[{kernel}]",
-                                         precision=prec, ms=ms))  # fmt: skip
+                                         precision=prec, **t))  # fmt: skip
+                peer = L in peer_lengths
                 if peer:
                     hf = hf_peer(ssm, size, device)
                     if hf is not None:
-                        ms = timed(hf_step_fn(hf.train(), ids), reps, device)
+                        t = timed(hf_step_fn(hf.train(), ids), reps, device)
                         rows.append(dict(section="lm", size=name, ssm=ssm, L=L, batch=batch,
-                                         impl="transformers (own PyTorch path)", precision="fp32", ms=ms))  # fmt: skip
+                                         impl="transformers (own PyTorch path)", precision="fp32", **t))  # fmt: skip
                 print_rows(rows[-(len(kernels) * (2 if device == "cuda" else 1) + (1 if peer else 0)) :])
     return rows
 
@@ -164,8 +167,8 @@ def bench_scans(device: str, batch: int, lengths: list[int], reps: int, ref_max_
                     leaves = [t.detach().requires_grad_(True) for t in inputs]
                     fn(*leaves).sum().backward()
 
-                ms = timed(run, reps, device)
-                rows.append(dict(section="scan", ssm=ssm, L=L, batch=b, impl=impl, precision="fp32", ms=ms))
+                t = timed(run, reps, device)
+                rows.append(dict(section="scan", ssm=ssm, L=L, batch=b, impl=impl, precision="fp32", **t))
             print_rows([r for r in rows if r["L"] == L and r["ssm"] == ssm])
     return rows
 
@@ -173,7 +176,11 @@ def bench_scans(device: str, batch: int, lengths: list[int], reps: int, ref_max_
 def print_rows(rows: list[dict]) -> None:
     for r in rows:
         what = f"{r.get('size', 'scan'):>5} {r['ssm']:<6} b={r['batch']} L={r['L']:<4}"
-        print(f"{r['section']:<4} {what} {r['impl']:<34} {r['precision']:<13} {r['ms']:9.1f} ms", flush=True)
+        print(
+            f"{r['section']:<4} {what} {r['impl']:<34} {r['precision']:<13} {r['ms']:9.1f} ms "
+            f"(median {r['ms_median']:.1f})",
+            flush=True,
+        )
 
 
 def main() -> None:
@@ -182,15 +189,26 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lengths", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--scan-lengths", type=int, nargs="+", default=[64, 128, 256])
-    ap.add_argument("--ref-max-len", type=int, default=128, help="skip the slow reference above this length")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--ref-max-len", type=int, default=64, help="skip the slow reference above this length")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument(
+        "--threads", type=int, default=None,
+        help="torch CPU threads (default: torch's). 1 is steadier when other jobs share the cores: with 2 "
+        "threads under contention OpenMP barriers stalled a 40 ms step to 1.5 s",
+    )  # fmt: skip
     ap.add_argument("--no-peer", action="store_true", help="skip transformers' models")
+    ap.add_argument("--peer-lengths", type=int, nargs="+", default=[64], help="lengths to run the peer at")
     ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/bench_lm[_cuda].json)")
     args = ap.parse_args()
     torch.manual_seed(0)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}", flush=True)
-    rows = bench_lms(args.device, args.batch, args.lengths, args.reps, peer=not args.no_peer)
+    load_start = os.getloadavg()
+    rows = bench_lms(
+        args.device, args.batch, args.lengths, args.reps, [] if args.no_peer else args.peer_lengths
+    )
     rows += bench_scans(args.device, args.batch, args.scan_lengths, args.reps, args.ref_max_len)
     meta = {
         "torch": torch.__version__,
@@ -201,9 +219,10 @@ def main() -> None:
         "cpu_count": os.cpu_count(),
         "python": platform.python_version(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "load_average_start_end": [load_start, os.getloadavg()],  # other jobs on a shared CPU inflate ms
         "reps": args.reps,
         "sizes": SIZES,
-        "note": "ms = median wall time of one forward+backward (loss.backward for LMs, sum().backward for scans)",
+        "note": "ms = min (ms_median = median) wall time of one forward+backward (LMs: loss.backward; scans: sum().backward)",
     }
     out = Path(args.out) if args.out else Path(__file__).parent / "results" / (
         "bench_lm.json" if args.device == "cpu" else "bench_lm_cuda.json"
