@@ -55,7 +55,9 @@ def causal_conv1d(x, weight, bias=None, initial_states=None, return_final_states
         xp = xp.contiguous()  # the channel-last kernel needs strides that are multiples of 8
     y = K.causal_conv1d_fn(xp, weight, bias, activation=activation)
     if initial_states is not None:
-        y = y[..., k - 1 :]
+        # a copy, not a view: a view offset by k-1 elements is misaligned for the vectorised loads
+        # of the kernels that read it next (cuBLAS, selective_scan: "misaligned address" in bf16)
+        y = y[..., k - 1 :].contiguous()
     if return_final_states:
         full = xp if initial_states is not None else F.pad(x, (k - 1, 0))
         return y, full[..., full.shape[-1] - (k - 1) :]
