@@ -244,6 +244,17 @@ class VLMambaLitModule(L.LightningModule):
                 )
         return self._tokenizer
 
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+        """Norm clipping under FSDP through FSDP's own ``clip_grad_norm_`` (the norm over all shards);
+        Lightning's FSDP precision plugin refuses ``gradient_clip_algorithm='norm'``."""
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        wrapped = getattr(self.trainer.strategy, "model", None)
+        if gradient_clip_val and isinstance(wrapped, FSDP) and gradient_clip_algorithm in (None, "norm"):
+            wrapped.clip_grad_norm_(float(gradient_clip_val))
+            return
+        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
     def configure_optimizers(self):
         hp = self.hparams
         groups = param_groups(self.model, hp.weight_decay, hp.decay_embeddings)
@@ -351,10 +362,26 @@ class VLMambaLitModule(L.LightningModule):
             st["tokens"] += n
         gen = self.hparams.val_generation
         if generate and gen["enabled"] and task != "train":
-            preds = self.predict_batch(batch, gen)
+            with self._full_params():
+                preds = self.predict_batch(batch, gen)
             results, refs = eval_records(task, batch, preds)
             st["results"] += results
             st["refs"] += refs
+
+    def _full_params(self):
+        """Decoding calls ``Block.step``, which FSDP does not intercept (only ``forward`` gathers a
+        unit's shards), so under FSDP the full weights are gathered around it. Collective: every
+        rank must decode the same number of batches (set an int ``trainer.limit_val_batches`` no
+        larger than any rank's share)."""
+        import contextlib
+
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if not isinstance(self.trainer.strategy, FSDPStrategy):
+            return contextlib.nullcontext()
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        return FSDP.summon_full_params(self.trainer.strategy.model, writeback=False)
 
     def _max_text_len(self) -> int:
         dm = getattr(self.trainer, "datamodule", None)
