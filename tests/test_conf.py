@@ -152,7 +152,8 @@ def test_debug_presets(tmp_path):
     cfg = _compose(["debug=fast_dev_run"], tmp_path)
     assert cfg.trainer.fast_dev_run is True and cfg.trainer.accelerator == "cpu" and cfg.data.num_workers == 0
     cfg = _compose(["debug=overfit"], tmp_path)
-    assert cfg.trainer.overfit_batches == 1 and cfg.module.val_generation.enabled is False
+    assert cfg.callbacks.overfit._target_ == "vlm_mamba.callbacks.OverfitBatches"
+    assert cfg.trainer.limit_val_batches == 0 and cfg.module.val_generation.enabled is False
 
 
 def test_data_paths_follow_paths_data_dir(tmp_path, monkeypatch):

@@ -165,6 +165,17 @@ def test_export_writes_a_loadable_model_directory(shapes_dir, tmp_path):
     assert export_main([str(tmp_path / "missing.ckpt"), str(tmp_path / "x")]) == 1
 
 
+def test_debug_overfit_memorises_one_batch(shapes_dir, tmp_path):
+    cfg = _cfg(
+        [*_small(shapes_dir), "debug=overfit", "trainer.max_steps=40", "trainer.detect_anomaly=false"],
+        tmp_path,
+    )
+    train(cfg)
+    losses = _losses(tmp_path)
+    assert len(losses) == 40
+    assert losses[39] < 0.3 * losses[0]  # the same batch every step: memorised
+
+
 def test_missing_shards_fail_with_the_prepare_command(tmp_path):
     r = _run_script(
         ["experiment=coco_caption", "trainer=cpu", f"paths.data_dir={tmp_path / 'nodata'}"], tmp_path

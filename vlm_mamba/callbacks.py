@@ -91,3 +91,33 @@ class RNGStateCheckpoint(L.Callback):
         if self._val_fork is not None:
             set_rng_state(self._val_fork)
             self._val_fork = None
+
+
+class OverfitBatches(L.Callback):
+    """Train on the first ``num_batches`` training batches over and over (``debug=overfit``).
+
+    Lightning's ``overfit_batches`` rebuilds the dataloaders with a ``SequentialSampler``, which the
+    streaming loaders (``vlm_mamba.data``: batches come whole from an IterableDataset) do not take.
+    This replays cached batches instead: each batch dict is replaced in place at
+    ``on_train_batch_start``, so ``training_step`` sees the cached tensors. The loader keeps
+    streaming (and decoding) underneath; only its batches are discarded.
+    """
+
+    def __init__(self, num_batches: int = 1) -> None:
+        if num_batches < 1:
+            raise ValueError(f"callbacks.overfit.num_batches={num_batches} must be >= 1")
+        self.num_batches = num_batches
+        self._cache: list[dict[str, Any]] = []
+        self._i = 0
+
+    def on_train_batch_start(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
+    ):
+        if not isinstance(batch, dict):
+            raise TypeError(f"OverfitBatches needs dict batches, got {type(batch).__name__}")
+        if len(self._cache) < self.num_batches:
+            self._cache.append({k: v.clone() if torch.is_tensor(v) else v for k, v in batch.items()})
+        cached = self._cache[self._i % len(self._cache)]
+        self._i += 1
+        batch.clear()
+        batch.update(cached)
