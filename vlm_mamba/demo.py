@@ -112,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data-dir", default=None, help="shapes data folder (default: <out>/data)")
     ap.add_argument("--skip-train", action="store_true", help="reuse <out>/train's last checkpoint")
     ap.add_argument("--split", default="test")
+    ap.add_argument(
+        "--device", default="auto", help="evaluation device: auto (cuda when available), cpu, cuda"
+    )
     ap.add_argument("overrides", nargs="*", help="extra train.py overrides, e.g. trainer.max_steps=200")
     args = ap.parse_args(argv)
 
@@ -145,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             "ckpt_path": str(ckpt),
             "data_dir": str(data_dir),
             "dataset": None,
-            "device": "cpu",
+            "device": args.device,
             "batch_size": 64,
             "num_workers": 0,
             "max_samples": None,
@@ -166,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     vqa_gt = json.loads((out / "eval" / "vqav2" / f"vqa_{split}_annotations.json").read_text())
     vqa_q = json.loads((out / "eval" / "vqav2" / f"vqa_{split}_questions.json").read_text())
     cap_train = json.loads(next(raw.glob("captions_train*.json")).read_text())
-    vqa_train = json.loads(next(raw.glob("*mscoco_train*_annotations.json")).read_text())
+    vqa_train = json.loads(next(raw.glob("*_train*_annotations.json")).read_text())
     base = {
         "coco_caption": caption_metrics(caption_baseline(cap_train, cap_gt), cap_gt, spice=False),
         "vqav2": vqa_accuracy(vqa_baseline(vqa_train, vqa_gt), vqa_gt, vqa_q),
