@@ -103,6 +103,31 @@ def test_fuyu_rows_independent_of_canvas_neighbours():
     torch.testing.assert_close(model(canvas2, ids, image_sizes=sizes).logits, batched, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("vision_mode", ["encoder", "fuyu"])
+def test_center_images_removes_each_images_colour_offset(vision_mode):
+    """``vision.center_images``: an image and the same image with a per-channel offset give the
+    same logits (and differ without the option); in fuyu mode the mean is over the real pixels
+    only, so a padded image equals the same image alone."""
+    cfg = get_config("tiny").model_copy(update={"vision_mode": vision_mode})
+    cfg.vision = cfg.vision.model_copy(update={"center_images": True})
+    torch.manual_seed(0)
+    model = VLMamba(cfg).eval()
+    img = torch.randn(1, 3, 32, 32)
+    shifted = img + torch.tensor([0.7, -1.3, 2.0]).view(1, 3, 1, 1)
+    ids = torch.randint(1, 500, (1, 6))
+    base = model(img, ids).logits
+    torch.testing.assert_close(model(shifted, ids).logits, base, atol=1e-5, rtol=1e-5)
+    plain = VLMamba(get_config("tiny").model_copy(update={"vision_mode": vision_mode})).eval()
+    plain.load_state_dict(model.state_dict())
+    assert not torch.allclose(plain(shifted, ids).logits, plain(img, ids).logits, atol=1e-3)
+    if vision_mode == "fuyu":
+        canvas = torch.full((2, 3, 32, 48), 9.0)
+        canvas[0, :, :32, :32] = shifted[0]
+        sizes = torch.tensor([[32, 32], [32, 48]])
+        batched = model(canvas, ids.expand(2, -1), image_sizes=sizes).logits
+        torch.testing.assert_close(batched[0], base[0], atol=1e-5, rtol=1e-5)
+
+
 def test_encoder_other_image_size_interpolates_positions():
     model = _tiny()
     out = model(torch.randn(1, 3, 48, 40), torch.randint(1, 500, (1, 5)))

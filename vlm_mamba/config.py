@@ -143,6 +143,12 @@ class VisionConfig(SSMConfig):
     in_chans: int = Field(3, gt=0)
     scan: Literal["bidirectional", "forward"] = "bidirectional"
     max_img_size: int = Field(448, gt=0, description="fuyu mode: longest side after resizing")
+    center_images: bool = Field(
+        False,
+        description="subtract each image's per-channel mean before the patch embedding (per-image "
+        "centring). On flat backgrounds (the synthetic shapes) the constant background otherwise "
+        "dominates every patch and a model trained from scratch never starts reading the objects.",
+    )
 
     @model_validator(mode="after")
     def _patch_divides(self):

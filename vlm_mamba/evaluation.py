@@ -64,19 +64,36 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 # ---------------------------------------------------------------------- generation
 def decode_rows(ids: torch.Tensor, tokenizer: Any, eos_id: int | None, pad_id: int) -> list[str]:
-    """(b, n) generated ids -> strings, cut at EOS, padding and specials dropped."""
+    """(b, n) generated ids -> the strings submitted to the scorers: cut at EOS, padding dropped,
+    whitespace collapsed (``clean_generation``)."""
+    from .data.prompts import clean_generation
+
     texts = []
     for row in ids.tolist():
         if eos_id is not None and eos_id in row:
             row = row[: row.index(eos_id)]
         row = [t for t in row if t != pad_id]
-        texts.append(tokenizer.decode(row).strip() if tokenizer is not None else " ".join(map(str, row)))
+        texts.append(
+            clean_generation(tokenizer.decode(row)) if tokenizer is not None else " ".join(map(str, row))
+        )
     return texts
+
+
+GENERATE_KEYS = (
+    "max_new_tokens",
+    "num_beams",
+    "length_penalty",
+    "temperature",
+    "top_k",
+    "top_p",
+    "do_sample",
+)
 
 
 @torch.no_grad()
 def predict_batch(model, tokenizer, batch: Mapping[str, Any], gen: Mapping[str, Any], device) -> list[str]:
-    """Decode one evaluation batch (left-padded prompts, ``docs/interfaces.md``) to strings."""
+    """Decode one evaluation batch (left-padded prompts, ``docs/interfaces.md``) to strings.
+    ``gen`` may carry other keys (``enabled`` from the training config): only generation options pass."""
 
     def to(x):
         return None if x is None else x.to(device)
@@ -87,7 +104,7 @@ def predict_batch(model, tokenizer, batch: Mapping[str, Any], gen: Mapping[str, 
         prompt_mask=batch["prompt_mask"].to(device),
         image_sizes=to(batch.get("image_sizes")),
         image_index=to(batch.get("image_index")),
-        **dict(gen),
+        **{k: v for k, v in gen.items() if k in GENERATE_KEYS},
     )  # (b, new)
     return decode_rows(out, tokenizer, model.config.eos_token_id, model.config.pad_token_id)
 
@@ -121,31 +138,21 @@ def collect_predictions(
         bar = tqdm(desc=f"generating ({task})", unit="q" if task == "vqav2" else "img")
     for batch in loader:
         preds = predict_batch(model, tokenizer, batch, gen, device)
+        res, ref = eval_records(batch, preds)
+        results += res
+        refs += ref
         if task == "coco_caption":
-            for i, (img_id, pred, ref) in enumerate(zip(batch["image_ids"], preds, batch["references"])):
-                results.append({"image_id": int(img_id), "caption": pred})
-                refs.append({"image_id": int(img_id), "references": list(ref)})
-                if len(samples) < keep_images:
-                    samples.append(
-                        {
-                            "image": _picture(batch, i, IMAGE_MEAN, IMAGE_STD),
-                            "caption": pred,
-                            "references": list(ref),
-                        }
-                    )
+            for i in range(min(len(ref), keep_images - len(samples))):
+                samples.append(
+                    {
+                        "image": _picture(batch, i, IMAGE_MEAN, IMAGE_STD),
+                        "caption": res[i]["caption"],
+                        "references": ref[i]["references"],
+                    }
+                )
         else:
             index = batch["image_index"].tolist()
-            for i, pred in enumerate(preds):
-                rec = {
-                    "question_id": int(batch["question_ids"][i]),
-                    "image_id": int(batch["image_ids"][i]),
-                    "question": batch["questions"][i],
-                    "answers": list(batch["answers"][i]),
-                    "question_type": batch["question_types"][i],
-                    "answer_type": batch["answer_types"][i],
-                }
-                results.append({"question_id": rec["question_id"], "answer": pred})
-                refs.append(rec)
+            for i, (r, rec) in enumerate(zip(res, ref)):
                 if len(samples) < keep_images and (not samples or samples[-1]["image_id"] != rec["image_id"]):
                     samples.append(
                         {
@@ -156,7 +163,7 @@ def collect_predictions(
                     )
                 if samples and samples[-1].get("image_id") == rec["image_id"] and len(samples[-1]["qa"]) < 3:
                     samples[-1]["qa"].append(
-                        {"question": rec["question"], "answer": pred, "answers": rec["answers"]}
+                        {"question": rec["question"], "answer": r["answer"], "answers": rec["answers"]}
                     )
         if bar is not None:
             bar.update(len(preds))
@@ -165,6 +172,31 @@ def collect_predictions(
     if bar is not None:
         bar.close()
     return results, refs, samples
+
+
+def eval_records(batch: Mapping[str, Any], preds: list[str]) -> tuple[list[dict], list[dict]]:
+    """One evaluation batch's predictions -> (results in the official format, the references that
+    score them: captions per image, or question + ten answers + types per question). Every
+    question is kept, also without answers (a test-dev split still needs its submission file)."""
+    results: list[dict] = []
+    refs: list[dict] = []
+    if "references" in batch:  # captions
+        for img_id, pred, ref in zip(batch["image_ids"], preds, batch["references"]):
+            results.append({"image_id": int(img_id), "caption": pred})
+            refs.append({"image_id": int(img_id), "references": list(ref)})
+        return results, refs
+    for i, pred in enumerate(preds):
+        rec = {
+            "question_id": int(batch["question_ids"][i]),
+            "image_id": int(batch["image_ids"][i]),
+            "question": batch["questions"][i],
+            "answers": list(batch["answers"][i]),
+            "question_type": batch["question_types"][i],
+            "answer_type": batch["answer_types"][i],
+        }
+        results.append({"question_id": rec["question_id"], "answer": pred})
+        refs.append(rec)
+    return results, refs
 
 
 def _picture(batch: Mapping[str, Any], i: int, mean, std):
@@ -199,10 +231,15 @@ def caption_ground_truth(refs: list[dict], split: str) -> dict:
     return {"info": {"description": f"references of split {split}"}, "images": images, "annotations": anns}
 
 
-def vqa_ground_truth(refs: list[dict], split: str) -> tuple[dict, dict]:
-    """(annotations, questions) dicts of the evaluated questions in the official VQAv2 formats."""
+def most_common(answers: list[str]) -> str:
+    """The plurality answer (first seen wins ties): VQAv2's ``multiple_choice_answer`` in spirit."""
     from collections import Counter
 
+    return Counter(answers).most_common(1)[0][0] if answers else ""
+
+
+def vqa_ground_truth(refs: list[dict], split: str) -> tuple[dict, dict]:
+    """(annotations, questions) dicts of the evaluated questions in the official VQAv2 formats."""
     anns, qs = [], []
     for r in sorted(refs, key=lambda r: r["question_id"]):
         qs.append({"image_id": r["image_id"], "question": r["question"], "question_id": r["question_id"]})
@@ -213,7 +250,7 @@ def vqa_ground_truth(refs: list[dict], split: str) -> tuple[dict, dict]:
                 "image_id": r["image_id"],
                 "question_type": r["question_type"],
                 "answer_type": r["answer_type"],
-                "multiple_choice_answer": Counter(answers).most_common(1)[0][0] if answers else "",
+                "multiple_choice_answer": most_common(answers),
                 "answers": [
                     {"answer": a, "answer_confidence": "yes", "answer_id": j + 1}
                     for j, a in enumerate(answers)

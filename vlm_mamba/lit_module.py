@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ import torch
 from torch import nn
 
 from .config import VLMambaConfig
+from .evaluation import eval_records, gather, most_common, predict_batch, vqa_ground_truth
 from .models.vlm import VLMamba
 
 log = logging.getLogger(__name__)
@@ -364,9 +364,10 @@ class VLMambaLitModule(L.LightningModule):
         if generate and gen["enabled"] and task != "train":
             with self._full_params():
                 preds = self.predict_batch(batch, gen)
-            results, refs = eval_records(task, batch, preds)
-            st["results"] += results
-            st["refs"] += refs
+            for res, ref in zip(*eval_records(batch, preds)):
+                if ref.get("references") or ref.get("answers"):  # unanswered test questions: nothing to score
+                    st["results"].append(res)
+                    st["refs"].append(ref)
 
     def _full_params(self):
         """Decoding calls ``Block.step``, which FSDP does not intercept (only ``forward`` gathers a
@@ -408,7 +409,7 @@ class VLMambaLitModule(L.LightningModule):
                 if task == "train":
                     continue
                 st = state.get(task, {"results": [], "refs": []})
-                results, refs = _gather_lists(st["results"]), _gather_lists(st["refs"])
+                results, refs = gather(st["results"]), gather(st["refs"])
                 scores: dict[str, float] = {}
                 if self.trainer.is_global_zero and results:
                     scores = score_task(task, results, refs, prefix=stage)
@@ -422,34 +423,11 @@ class VLMambaLitModule(L.LightningModule):
 
     def _all_ranks_tasks(self, state: Mapping[str, Any]) -> list[str]:
         """Task names seen on any rank (a rank with no batch of a task must still join its reductions)."""
-        return [d["task"] for d in _gather_lists([{"task": t} for t in state], key="task")]
+        return list(dict.fromkeys(d["task"] for d in gather([{"task": t} for t in state])))
 
-    @torch.no_grad()
     def predict_batch(self, batch: Mapping[str, Any], gen: Mapping[str, Any]) -> list[str]:
-        """Decode one evaluation batch (left-padded prompts) to cleaned strings."""
-        from .data.prompts import clean_generation
-
-        out = self.model.generate(
-            batch["images"],
-            batch["prompt_ids"],
-            prompt_mask=batch["prompt_mask"],
-            image_sizes=batch.get("image_sizes"),
-            image_index=batch.get("image_index"),
-            max_new_tokens=int(gen["max_new_tokens"]),
-            num_beams=int(gen["num_beams"]),
-        )  # (b, new)
-        return [clean_generation(t) for t in self._decode(out)]
-
-    def _decode(self, ids: torch.Tensor) -> list[str]:
-        eos, pad = self.config.eos_token_id, self.config.pad_token_id
-        tok = self.tokenizer
-        texts = []
-        for row in ids.tolist():
-            if eos is not None and eos in row:
-                row = row[: row.index(eos)]
-            row = [t for t in row if t != pad]
-            texts.append(tok.decode(row) if tok is not None else " ".join(map(str, row)))
-        return texts
+        """Decode one evaluation batch (left-padded prompts) to cleaned strings, as ``evaluate.py`` does."""
+        return predict_batch(self.model, self.tokenizer, batch, gen, self.device)
 
     def _log_samples(self, rows: list[dict[str, Any]]) -> None:
         """Sample predictions to every logger that can show text; CSV-only runs get a JSON file."""
@@ -494,28 +472,6 @@ class VLMambaLitModule(L.LightningModule):
 
 
 # ---------------------------------------------------------------------- helpers
-def _to(x: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
-    return None if x is None else x.to(device)
-
-
-def _gather_lists(items: list[dict[str, Any]], key: str | None = None) -> list[dict[str, Any]]:
-    """Concatenate a list from every rank (rank order); with ``key``, keep the first of equal keys."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        parts: list[list[dict[str, Any]]] = [None] * dist.get_world_size()  # type: ignore[list-item]
-        dist.all_gather_object(parts, items)
-        items = [item for part in parts for item in part]
-    if key is None:
-        return items
-    seen, out = set(), []
-    for item in items:
-        if item[key] not in seen:
-            seen.add(item[key])
-            out.append(item)
-    return out
-
-
 def batch_task(batch: Mapping[str, Any]) -> str:
     """``caption`` / ``vqa`` evaluation batch, or ``train`` (teacher-forcing layout)."""
     if "references" in batch:
@@ -525,11 +481,6 @@ def batch_task(batch: Mapping[str, Any]) -> str:
     if "input_ids" in batch:
         return "train"
     raise ValueError(f"unrecognised batch with keys {sorted(batch)} (see docs/interfaces.md 'Batches')")
-
-
-def most_common(answers: list[str]) -> str:
-    """The plurality answer (first seen wins ties): VQAv2's ``multiple_choice_answer`` in spirit."""
-    return Counter(answers).most_common(1)[0][0] if answers else ""
 
 
 def teacher_forcing_batch(
@@ -577,33 +528,6 @@ def teacher_forcing_batch(
     return out
 
 
-def eval_records(
-    task: str, batch: Mapping[str, Any], preds: list[str]
-) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(results in the official format, the references needed to score them) for one batch."""
-    results, refs = [], []
-    if task == "caption":
-        for img, pred, ref in zip(batch["image_ids"], preds, batch["references"]):
-            results.append({"image_id": int(img), "caption": pred})
-            refs.append({"image_id": int(img), "references": list(ref)})
-        return results, refs
-    for i, pred in enumerate(preds):
-        if not batch["answers"][i]:  # unanswered (test split): nothing to score against
-            continue
-        results.append({"question_id": int(batch["question_ids"][i]), "answer": pred})
-        refs.append(
-            {
-                "question_id": int(batch["question_ids"][i]),
-                "image_id": int(batch["image_ids"][i]),
-                "question": batch["questions"][i],
-                "answers": list(batch["answers"][i]),
-                "question_type": batch["question_types"][i],
-                "answer_type": batch["answer_types"][i],
-            }
-        )
-    return results, refs
-
-
 def score_task(task: str, results: list[dict], refs: list[dict], prefix: str) -> dict[str, float]:
     """``{prefix}/CIDEr`` and ``/Bleu_4`` (pycocoevalcap, PTB-tokenized) or ``{prefix}/vqa_acc`` (official, 0-100)."""
     from . import metrics as M
@@ -617,7 +541,7 @@ def score_task(task: str, results: list[dict], refs: list[dict], prefix: str) ->
             spice=False,
         )
         return {f"{prefix}/CIDEr": float(scores["CIDEr"]), f"{prefix}/Bleu_4": float(scores["Bleu_4"])}
-    scores = M.vqa_accuracy(results, vqa_annotations(refs))
+    scores = M.vqa_accuracy(results, vqa_ground_truth(refs, prefix)[0])
     return {f"{prefix}/vqa_acc": float(scores["overall"])}
 
 
@@ -635,20 +559,3 @@ def sample_rows(task: str, results: list[dict], refs: list[dict], n: int) -> lis
             }
         )
     return rows
-
-
-def vqa_annotations(refs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The official VQAv2 annotations dict (``{"annotations": [...]}``) of the scored subset."""
-    anns = []
-    for r in refs:
-        anns.append(
-            {
-                "question_id": r["question_id"],
-                "image_id": r["image_id"],
-                "question_type": r["question_type"],
-                "answer_type": r["answer_type"],
-                "answers": [{"answer": a, "answer_id": i + 1} for i, a in enumerate(r["answers"])],
-                "multiple_choice_answer": most_common(r["answers"]),
-            }
-        )
-    return {"annotations": anns}

@@ -40,7 +40,11 @@ def _tiny() -> VLMambaConfig:
 @register("demo")
 def _demo() -> VLMambaConfig:
     return VLMambaConfig(
-        vision=VisionConfig(img_size=64, patch_size=8, d_model=96, n_layers=2, d_state=8, max_img_size=96),
+        # 64 px shapes upsampled to 96 px, 32 px patches: one token per cell of the 3x3 scene grid
+        # (9 image tokens); per-image centring, or the flat background drowns the objects.
+        vision=VisionConfig(
+            img_size=96, patch_size=32, d_model=96, n_layers=2, d_state=8, max_img_size=96, center_images=True
+        ),
         language=LanguageConfig(
             vocab_size=1024, d_model=128, n_layers=3, d_state=8, headdim=32, chunk_size=32
         ),

@@ -94,6 +94,8 @@ class VLMamba(nn.Module):
         self, images: torch.Tensor, image_sizes: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """(n, c, H, W) -> image tokens in language width (n, p, d) and their mask (n, p) bool."""
+        if self.config.vision.center_images:
+            images = center_images(images, image_sizes)
         if self.config.vision_mode == "encoder":
             feats = self.vision(images)  # (n, p, d_vis)
             mask = torch.ones(feats.shape[:2], dtype=torch.bool, device=feats.device)
@@ -342,6 +344,19 @@ class VLMamba(nn.Module):
 
 
 # ---------------------------------------------------------------------- sequence helpers
+def center_images(images: torch.Tensor, image_sizes: torch.Tensor | None = None) -> torch.Tensor:
+    """Subtract each image's per-channel mean; with ``image_sizes`` (fuyu canvases, each image at
+    the top-left) the mean is over the real pixels only and the padding stays zero."""
+    if image_sizes is None:
+        return images - images.mean(dim=(2, 3), keepdim=True)
+    h, w = images.shape[-2:]
+    rows = torch.arange(h, device=images.device)[None, :, None] < image_sizes[:, 0, None, None]
+    cols = torch.arange(w, device=images.device)[None, None, :] < image_sizes[:, 1, None, None]
+    real = (rows & cols)[:, None].to(images.dtype)  # (n, 1, H, W)
+    mean = (images * real).sum(dim=(2, 3), keepdim=True) / real.sum(dim=(2, 3), keepdim=True).clamp_min(1)
+    return (images - mean) * real
+
+
 def _none_if_all(mask: torch.Tensor) -> torch.Tensor | None:
     """Masks that mark every position real are dropped: the unmasked kernels are faster."""
     return None if bool(mask.all()) else mask
