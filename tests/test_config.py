@@ -25,6 +25,13 @@ def test_image_size_not_multiple_of_patch_names_both_fields():
     assert "img_size=225" in msg and "patch_size=16" in msg
 
 
+def test_conv_stem_must_divide_the_patch():
+    msg = _err(lambda: VisionConfig(img_size=48, patch_size=12, max_img_size=96, conv_stem=[8, 16, 32]))
+    assert "conv_stem=[8, 16, 32]" in msg and "patch_size=12" in msg
+    assert "conv_stem" in _err(lambda: VisionConfig(img_size=32, patch_size=8, conv_stem=[0]))
+    assert VisionConfig(img_size=48, patch_size=16, conv_stem=[8, 16]).conv_stem == [8, 16]
+
+
 def test_unknown_key_is_an_error_naming_it():
     msg = _err(lambda: LanguageConfig(vocab_size=100, d_modle=64))
     assert "d_modle" in msg

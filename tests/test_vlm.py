@@ -128,6 +128,28 @@ def test_center_images_removes_each_images_colour_offset(vision_mode):
         torch.testing.assert_close(batched[0], base[0], atol=1e-5, rtol=1e-5)
 
 
+def test_conv_stem_keeps_the_token_grid_and_trains():
+    """``vision.conv_stem``: two stride-2 convolutions before a patch/4 patchify give the same
+    token grid as the plain patchify, every stem weight gets a gradient, and the stem is used."""
+    from vlm_mamba.layers.patch_embed import PatchEmbed
+
+    torch.manual_seed(0)
+    plain, stem = PatchEmbed(8, 3, 16), PatchEmbed(8, 3, 16, stem_channels=[4, 6])
+    img = torch.randn(2, 3, 32, 24)
+    (a, grid_a), (b, grid_b) = plain(img), stem(img)
+    assert grid_a == grid_b == (4, 3) and a.shape == b.shape == (2, 12, 16)
+    assert stem.proj.kernel_size == (2, 2) and len(stem.stem) == 4
+    cfg = get_config("tiny")
+    cfg.vision = cfg.vision.model_copy(update={"conv_stem": [4, 8]})
+    model = VLMamba(cfg)
+    ids = torch.randint(1, 500, (2, 5))
+    model(torch.randn(2, 3, 32, 32), ids, labels=ids).loss.backward()
+    stem_params = dict(model.vision.patch_embed.stem.named_parameters())
+    assert len(stem_params) == 4 and all(
+        p.grad is not None and p.grad.abs().sum() > 0 for p in stem_params.values()
+    )
+
+
 def test_encoder_other_image_size_interpolates_positions():
     model = _tiny()
     out = model(torch.randn(1, 3, 48, 40), torch.randint(1, 500, (1, 5)))

@@ -143,6 +143,12 @@ class VisionConfig(SSMConfig):
     in_chans: int = Field(3, gt=0)
     scan: Literal["bidirectional", "forward"] = "bidirectional"
     max_img_size: int = Field(448, gt=0, description="fuyu mode: longest side after resizing")
+    conv_stem: list[int] = Field(
+        default_factory=list,
+        description="encoder mode: channels of 3x3 stride-2 convolutions before the patchify "
+        "convolution (a convolutional stem); each halves the resolution, so patch_size must be "
+        "divisible by 2**len(conv_stem). Empty: the plain ViT/Vim patchify.",
+    )
     center_images: bool = Field(
         False,
         description="subtract each image's per-channel mean before the patch embedding (per-image "
@@ -159,6 +165,13 @@ class VisionConfig(SSMConfig):
         if self.max_img_size % self.patch_size:
             raise ValueError(
                 f"vision.max_img_size={self.max_img_size} is not a multiple of vision.patch_size={self.patch_size}"
+            )
+        if self.conv_stem and (
+            self.patch_size % (2 ** len(self.conv_stem)) or any(c <= 0 for c in self.conv_stem)
+        ):
+            raise ValueError(
+                f"vision.conv_stem={self.conv_stem}: needs positive channel counts and patch_size="
+                f"{self.patch_size} divisible by 2**{len(self.conv_stem)} (each stem convolution halves the resolution)"
             )
         return self
 

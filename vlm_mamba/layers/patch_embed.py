@@ -13,20 +13,41 @@ from torch import nn
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping conv patch embedding (ViT / Vim): (b, c, H, W) -> (b, r*q, d)."""
+    """Non-overlapping conv patch embedding (ViT / Vim): (b, c, H, W) -> (b, r*q, d).
 
-    def __init__(self, patch_size: int, in_chans: int, d_model: int, device=None, dtype=None) -> None:
+    ``stem_channels`` puts 3x3 stride-2 convolutions (+ GELU) before the patchify convolution, a
+    convolutional stem (Xiao et al. 2021, "Early convolutions help transformers see better"): each
+    halves the resolution, and the patchify kernel shrinks to ``patch_size / 2**len(stem_channels)``,
+    so the token grid is unchanged. A linear patchify sees a shape only as a pixel template; the
+    stem gives each token local, non-linear features (edges, corners).
+    """
+
+    def __init__(
+        self,
+        patch_size: int,
+        in_chans: int,
+        d_model: int,
+        stem_channels: tuple[int, ...] | list[int] = (),
+        device=None,
+        dtype=None,
+    ) -> None:
         super().__init__()
+        factory = {"device": device, "dtype": dtype}
         self.patch_size = patch_size
-        self.proj = nn.Conv2d(
-            in_chans, d_model, kernel_size=patch_size, stride=patch_size, device=device, dtype=dtype
-        )
+        stem: list[nn.Module] = []
+        c = in_chans
+        for ch in stem_channels:
+            stem += [nn.Conv2d(c, ch, kernel_size=3, stride=2, padding=1, **factory), nn.GELU()]
+            c = ch
+        self.stem = nn.Sequential(*stem)
+        k = patch_size >> len(stem_channels)
+        self.proj = nn.Conv2d(c, d_model, kernel_size=k, stride=k, **factory)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         s = self.patch_size
         if images.shape[-2] % s or images.shape[-1] % s:
             raise ValueError(f"image size {tuple(images.shape[-2:])} is not a multiple of patch_size={s}")
-        x = self.proj(images)  # (b, d, r, q)
+        x = self.proj(self.stem(images))  # (b, d, r, q)
         grid = (x.shape[-2], x.shape[-1])
         return rearrange(x, "b d r q -> b (r q) d"), grid
 

@@ -47,7 +47,7 @@ class VisionMamba(nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.d_model)
+        self.patch_embed = PatchEmbed(cfg.patch_size, cfg.in_chans, cfg.d_model, cfg.conv_stem)
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_patches, cfg.d_model))
         nn.init.trunc_normal_(self.pos_embed, std=0.02)
         layers = []
