@@ -79,21 +79,10 @@ def decode_rows(ids: torch.Tensor, tokenizer: Any, eos_id: int | None, pad_id: i
     return texts
 
 
-GENERATE_KEYS = (
-    "max_new_tokens",
-    "num_beams",
-    "length_penalty",
-    "temperature",
-    "top_k",
-    "top_p",
-    "do_sample",
-)
-
-
 @torch.no_grad()
 def predict_batch(model, tokenizer, batch: Mapping[str, Any], gen: Mapping[str, Any], device) -> list[str]:
-    """Decode one evaluation batch (left-padded prompts, ``docs/interfaces.md``) to strings.
-    ``gen`` may carry other keys (``enabled`` from the training config): only generation options pass."""
+    """Decode one evaluation batch (left-padded prompts, ``docs/interfaces.md``) to strings;
+    ``gen`` holds :class:`~vlm_mamba.generation.GenerationConfig` fields (unknown ones raise)."""
 
     def to(x):
         return None if x is None else x.to(device)
@@ -104,7 +93,7 @@ def predict_batch(model, tokenizer, batch: Mapping[str, Any], gen: Mapping[str, 
         prompt_mask=batch["prompt_mask"].to(device),
         image_sizes=to(batch.get("image_sizes")),
         image_index=to(batch.get("image_index")),
-        **{k: v for k, v in gen.items() if k in GENERATE_KEYS},
+        **dict(gen),
     )  # (b, new)
     return decode_rows(out, tokenizer, model.config.eos_token_id, model.config.pad_token_id)
 

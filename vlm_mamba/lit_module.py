@@ -427,7 +427,8 @@ class VLMambaLitModule(L.LightningModule):
 
     def predict_batch(self, batch: Mapping[str, Any], gen: Mapping[str, Any]) -> list[str]:
         """Decode one evaluation batch (left-padded prompts) to cleaned strings, as ``evaluate.py`` does."""
-        return predict_batch(self.model, self.tokenizer, batch, gen, self.device)
+        options = {k: v for k, v in gen.items() if k != "enabled"}  # the rest are GenerationConfig fields
+        return predict_batch(self.model, self.tokenizer, batch, options, self.device)
 
     def _log_samples(self, rows: list[dict[str, Any]]) -> None:
         """Sample predictions to every logger that can show text; CSV-only runs get a JSON file."""
