@@ -131,11 +131,8 @@ def main() -> None:
     log: list[dict] = []
     t0 = time.time()
     for step in range(1, a.steps + 1):
-        f = (
-            min(1.0, step / a.warmup)
-            if a.const
-            else warmup_cosine(step - 1, a.warmup, a.steps, a.min_lr_ratio)
-        )
+        # the training module's schedule; --const is its warmup with a flat tail (min ratio 1)
+        f = warmup_cosine(step - 1, a.warmup, a.steps, 1.0 if a.const else a.min_lr_ratio)
         for g in opt.param_groups:
             g["lr"] = a.lr * f
         try:
