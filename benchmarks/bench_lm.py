@@ -122,10 +122,29 @@ def bench_lms(device: str, batch: int, lengths: list[int], reps: int, peer_lengt
     return rows
 
 
-def bench_scans(device: str, batch: int, lengths: list[int], reps: int, ref_max_len: int) -> list[dict]:
-    """The small LM's scan shapes: Mamba-1 (b, e=512, n=16), Mamba-2 (b, h=8, p=64, n=16)."""
+def autograd_loop_scan(u, delta, A, B, C, D):
+    """The time loop before the hand-written backward (the peer of ``T.selective_scan_loop``):
+    the same one fused multiply-add per step, with autograd recording every step."""
+    _, dA, dBu = T._scan_inputs(u, delta, A, B, None, False)
+    h, states = dA.new_zeros(dA.shape[1:]), []
+    for a_t, x_t in zip(dA.unbind(0), dBu.unbind(0)):
+        h = torch.addcmul(x_t, a_t, h)
+        states.append(h)
+    return T._scan_output(torch.stack(states), u, C, D, None, u.shape[1])
+
+
+def conv1d_depthwise(x, w, bias):
+    """The conv before the shifted multiply-adds (the peer of ``T.causal_conv1d_torch``)."""
+    return F.silu(F.conv1d(F.pad(x, (w.shape[1] - 1, 0)), w[:, None, :], bias, groups=w.shape[0]))
+
+
+def bench_scans(
+    device: str, batch: int, lengths: list[int], reps: int, ref_max_len: int, e: int = 512, n: int = 16
+) -> list[dict]:
+    """Scan shapes, by default the small LM's: Mamba-1 (b, e=512, n=16), Mamba-2 (b, h=8, p=64, n=16);
+    the Mamba-1 rows and the conv rows take ``e`` channels and ``n`` states (the demo LM: 256, 8)."""
     rows = []
-    b, e, n, h, p = batch, 512, 16, 8, 64
+    b, h, p = batch, 8, 64
     for L in lengths:
         g = torch.Generator(device=device).manual_seed(0)
         r = lambda *s, g=g: torch.randn(*s, device=device, generator=g)
@@ -147,6 +166,7 @@ def bench_scans(device: str, batch: int, lengths: list[int], reps: int, ref_max_
         impls = {
             "mamba1": {
                 "torch loop (chosen)": lambda u, d, A, B, C, D: T.selective_scan_loop(u, d, A, B, C, D),
+                "torch loop, autograd backward": autograd_loop_scan,
                 "torch chunked doubling scan": lambda u, d, A, B, C, D: T.selective_scan_chunked(
                     u, d, A, B, C, D
                 ),
@@ -168,8 +188,34 @@ def bench_scans(device: str, batch: int, lengths: list[int], reps: int, ref_max_
                     fn(*leaves).sum().backward()
 
                 t = timed(run, reps, device)
-                rows.append(dict(section="scan", ssm=ssm, L=L, batch=b, impl=impl, precision="fp32", **t))
+                rows.append(
+                    dict(section="scan", ssm=ssm, L=L, batch=b, impl=impl, precision="fp32", **t)
+                    | ({"e": e, "n": n} if ssm == "mamba1" else {})
+                )
             print_rows([r for r in rows if r["L"] == L and r["ssm"] == ssm])
+        conv_in = [r(b, e, L), r(e, 4), r(e)]
+        for impl, fn in (
+            ("shifted multiply-adds (chosen)", lambda x, w, bias: T.causal_conv1d_torch(x, w, bias)),
+            ("F.conv1d depthwise", conv1d_depthwise),
+        ):
+
+            def run(fn=fn, conv_in=conv_in):
+                leaves = [t.detach().requires_grad_(True) for t in conv_in]
+                fn(*leaves).sum().backward()
+
+            rows.append(
+                dict(
+                    section="conv",
+                    ssm="-",
+                    L=L,
+                    batch=b,
+                    e=e,
+                    impl=impl,
+                    precision="fp32",
+                    **timed(run, reps, device),
+                )
+            )
+        print_rows(rows[-2:])
     return rows
 
 
@@ -189,6 +235,9 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--lengths", type=int, nargs="+", default=[64, 128])
     ap.add_argument("--scan-lengths", type=int, nargs="+", default=[64, 128, 256])
+    ap.add_argument("--scan-channels", type=int, default=512, help="Mamba-1 scan/conv channels e")
+    ap.add_argument("--scan-state", type=int, default=16, help="Mamba-1 scan state size n")
+    ap.add_argument("--no-lm", action="store_true", help="only the scan and conv sections")
     ap.add_argument("--ref-max-len", type=int, default=64, help="skip the slow reference above this length")
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument(
@@ -206,10 +255,22 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, device {args.device}", flush=True)
     load_start = os.getloadavg()
-    rows = bench_lms(
-        args.device, args.batch, args.lengths, args.reps, [] if args.no_peer else args.peer_lengths
+    rows = (
+        []
+        if args.no_lm
+        else bench_lms(
+            args.device, args.batch, args.lengths, args.reps, [] if args.no_peer else args.peer_lengths
+        )
     )
-    rows += bench_scans(args.device, args.batch, args.scan_lengths, args.reps, args.ref_max_len)
+    rows += bench_scans(
+        args.device,
+        args.batch,
+        args.scan_lengths,
+        args.reps,
+        args.ref_max_len,
+        args.scan_channels,
+        args.scan_state,
+    )
     meta = {
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

@@ -70,6 +70,9 @@ def main() -> None:
     ap.add_argument("--min-lr-ratio", type=float, default=0.05)
     ap.add_argument("--const", action="store_true", help="constant lr after the warmup")
     ap.add_argument("--oracle", action="store_true", help="replace vision+bridge by CellOracle")
+    ap.add_argument(
+        "--loss-reduction", default=None, choices=["token", "sample"], help="default: the config's"
+    )
     ap.add_argument("--data", default="/tmp/shapes", help="shapes data folder (built when missing)")
     ap.add_argument("--every", type=int, default=300, help="evaluate every N steps")
     ap.add_argument("--held", type=int, default=30, help="held-out batches")
@@ -124,6 +127,7 @@ def main() -> None:
         model.train()
         return loss / len(held), {k: round(sum(v) / len(v), 3) for k, v in sorted(hits.items())}
 
+    reduction = a.loss_reduction or cfg.module.get("loss_reduction", "token")
     groups = param_groups(model, a.wd)
     for g in groups:
         g.pop("param_names", None)
@@ -141,7 +145,13 @@ def main() -> None:
             it = iter(dm.train_dataloader())
             b = next(it)
         b = {k: v.to(dev) for k, v in b.items()}
-        loss = model(b["images"], b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]).loss
+        loss = model(
+            b["images"],
+            b["input_ids"],
+            attention_mask=b["attention_mask"],
+            labels=b["labels"],
+            loss_reduction=reduction,
+        ).loss
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

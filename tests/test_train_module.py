@@ -172,3 +172,28 @@ def test_rng_callback_isolates_validation_and_applies_state_at_first_batch():
     cb2.load_state_dict({"rng": saved_during_val})
     cb2.on_train_batch_start(None, None, None, 0)
     assert torch.equal(torch.rand(1), ref)
+
+
+def test_training_step_uses_the_configured_loss_reduction():
+    gen = torch.Generator().manual_seed(0)
+    batch = _batch(gen, b=2, t=8)
+    batch["labels"][1, :6] = -100  # row 0: 6 target tokens, row 1: 2
+    losses = {}
+    for reduction in ("token", "sample"):
+        torch.manual_seed(0)
+        module = VLMambaLitModule(get_config("tiny"), loss_reduction=reduction)
+        module.log = lambda *a, **k: None  # no trainer attached
+        module.lr_schedulers = lambda: None
+        module._trainer = type("T", (), {"world_size": 1, "global_step": 0})()
+        losses[reduction] = module.training_step(batch, 0)
+        expected = module.model(
+            batch["images"],
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["labels"],
+            loss_reduction=reduction,
+        ).loss
+        torch.testing.assert_close(losses[reduction], expected)
+    assert not torch.allclose(losses["token"], losses["sample"])
+    with pytest.raises(ValueError, match="module.loss_reduction"):
+        VLMambaLitModule(get_config("tiny"), loss_reduction="batch")

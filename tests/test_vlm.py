@@ -128,6 +128,26 @@ def test_center_images_removes_each_images_colour_offset(vision_mode):
         torch.testing.assert_close(batched[0], base[0], atol=1e-5, rtol=1e-5)
 
 
+def test_plain_patch_embed_matmul_equals_the_conv():
+    """Without a stem the patchify runs as one matmul over flattened patches (the CPU-fast path);
+    it must equal the Conv2d it stands for, weights and gradients alike, on a non-square image."""
+    from einops import rearrange
+
+    from vlm_mamba.layers.patch_embed import PatchEmbed
+
+    torch.manual_seed(0)
+    pe = PatchEmbed(8, 3, 16)
+    img = torch.randn(2, 3, 32, 24)
+    out, grid = pe(img)
+    conv = rearrange(pe.proj(img), "b d r q -> b (r q) d")
+    assert grid == (4, 3)
+    torch.testing.assert_close(out, conv, atol=1e-5, rtol=1e-5)
+    w = torch.randn_like(out)
+    (g_mat,) = torch.autograd.grad((out * w).sum(), [pe.proj.weight])
+    (g_conv,) = torch.autograd.grad((conv * w).sum(), [pe.proj.weight])
+    torch.testing.assert_close(g_mat, g_conv, atol=1e-4, rtol=1e-4)
+
+
 def test_conv_stem_keeps_the_token_grid_and_trains():
     """``vision.conv_stem``: two stride-2 convolutions before a patch/4 patchify give the same
     token grid as the plain patchify, every stem weight gets a gradient, and the stem is used."""
@@ -288,10 +308,12 @@ def test_loss_equals_manual_sequence(order):
     if order == "image_first":
         labels[0, 0] = ids[0, 0]  # a labelled first token is predicted by the last image token
     loss = model(images, ids, labels=labels).loss
+    per_sample = model(images, ids, labels=labels, loss_reduction="sample").loss
     img, _ = model.encode_images(images)
     p = img.shape[1]
-    total, n = 0.0, 0
+    total, n, row_means = 0.0, 0, []
     for i in range(2):
+        row_total, row_n = 0.0, 0
         split = 0 if order == "image_first" else int((labels[i] == -100).sum())
         txt = model.language.embed(ids[i : i + 1])
         seq = torch.cat([txt[:, :split], img[i : i + 1], txt[:, split:]], 1)
@@ -299,8 +321,26 @@ def test_loss_equals_manual_sequence(order):
         pos = [k if k < split else k + p for k in range(ids.shape[1])]
         for k in range(ids.shape[1]):
             if labels[i, k] != -100 and pos[k] > 0:
-                total = total + torch.nn.functional.cross_entropy(
-                    logits[pos[k] - 1], labels[i, k], reduction="sum"
-                )
-                n += 1
+                ce = torch.nn.functional.cross_entropy(logits[pos[k] - 1], labels[i, k], reduction="sum")
+                row_total, row_n = row_total + ce, row_n + 1
+        total, n = total + row_total, n + row_n
+        row_means.append(row_total / row_n)
     torch.testing.assert_close(loss, total / n, atol=1e-5, rtol=1e-5)
+    # "sample": each sequence's mean, then the mean over sequences (rows have 6-7 and 4 targets here)
+    torch.testing.assert_close(per_sample, sum(row_means) / 2, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(per_sample, loss)
+
+
+def test_sample_loss_skips_rows_without_targets_and_rejects_unknown_reductions():
+    model = _tiny()
+    images = torch.randn(3, 3, 32, 32)
+    ids = torch.randint(1, 500, (3, 8))
+    labels = ids.clone()
+    labels[0, :2] = -100
+    labels[1, :6] = -100
+    labels[2] = -100  # no target at all: must not count as a zero-loss sequence
+    both = model(images, ids, labels=labels, loss_reduction="sample").loss
+    alone = [model(images[i : i + 1], ids[i : i + 1], labels=labels[i : i + 1]).loss for i in range(2)]
+    torch.testing.assert_close(both, (alone[0] + alone[1]) / 2, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="loss_reduction='mean'"):
+        model(images, ids, labels=labels, loss_reduction="mean")

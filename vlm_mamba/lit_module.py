@@ -145,6 +145,9 @@ class VLMambaLitModule(L.LightningModule):
         total_steps: cosine length; ``None`` = ``trainer.max_steps`` (or the estimated stepping
             batches when ``max_steps`` is -1).
         decay_embeddings: put ``nn.Embedding`` weights in the decayed group.
+        loss_reduction: the training loss: ``"token"`` (mean over every target token of the batch)
+            or ``"sample"`` (mean per sequence, then over sequences: a one-word VQA answer weighs as
+            much as a 15-token caption in a mix). Validation losses are always per token.
         pretrained_language: a local Mamba checkpoint directory (transformers or mamba_ssm
             layout) whose weights initialise the language model (``LanguageMamba.from_pretrained``).
         val_generation: decoding of every validation (and test) batch, scored at epoch end:
@@ -166,6 +169,7 @@ class VLMambaLitModule(L.LightningModule):
         min_lr_ratio: float = 0.1,
         total_steps: int | None = None,
         decay_embeddings: bool = False,
+        loss_reduction: str = "token",
         pretrained_language: str | None = None,
         val_generation: Mapping[str, Any] | None = None,
         num_sample_predictions: int = 4,
@@ -178,6 +182,8 @@ class VLMambaLitModule(L.LightningModule):
         if unknown:
             raise ValueError(f"module.val_generation: unknown keys {sorted(unknown)}; known: {sorted(gen)}")
         gen.update(val_generation or {})
+        if loss_reduction not in ("token", "sample"):
+            raise ValueError(f"module.loss_reduction={loss_reduction!r}: expected 'token' or 'sample'")
         # plain types only: checkpoints must load with torch.load(weights_only=True)
         self.save_hyperparameters(
             {
@@ -190,6 +196,7 @@ class VLMambaLitModule(L.LightningModule):
                 "min_lr_ratio": float(min_lr_ratio),
                 "total_steps": None if total_steps is None else int(total_steps),
                 "decay_embeddings": bool(decay_embeddings),
+                "loss_reduction": loss_reduction,
                 "pretrained_language": pretrained_language,
                 "val_generation": gen,
                 "num_sample_predictions": int(num_sample_predictions),
@@ -290,7 +297,14 @@ class VLMambaLitModule(L.LightningModule):
         )
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int):
-        loss = self(batch).loss
+        loss = self.model(
+            images=batch["images"],
+            input_ids=batch["input_ids"],
+            attention_mask=batch.get("attention_mask"),
+            labels=batch.get("labels"),
+            image_sizes=batch.get("image_sizes"),
+            loss_reduction=self.hparams.loss_reduction,
+        ).loss
         b = batch_size_of(batch)
         bad = not bool(torch.isfinite(loss.detach()))
         if self.trainer.world_size > 1:  # every rank must take the same branch

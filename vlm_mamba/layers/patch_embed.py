@@ -47,6 +47,13 @@ class PatchEmbed(nn.Module):
         s = self.patch_size
         if images.shape[-2] % s or images.shape[-1] % s:
             raise ValueError(f"image size {tuple(images.shape[-2:])} is not a multiple of patch_size={s}")
+        if len(self.stem) == 0:
+            # kernel == stride == patch: the conv is one matmul over the flattened patches, same
+            # weights; on the 2-core CPU forward+backward of the demo's 96 px patchify (b=16) took
+            # 2.5 ms as a matmul and 4.2 ms through the conv (mkldnn) path
+            r, q = images.shape[-2] // s, images.shape[-1] // s
+            patches = rearrange(images, "b c (r s1) (q s2) -> b (r q) (c s1 s2)", s1=s, s2=s)
+            return F.linear(patches, self.proj.weight.flatten(1), self.proj.bias), (r, q)
         x = self.proj(self.stem(images))  # (b, d, r, q)
         grid = (x.shape[-2], x.shape[-1])
         return rearrange(x, "b d r q -> b (r q) d"), grid

@@ -111,6 +111,7 @@ class VLMamba(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
+        loss_reduction: str = "token",
     ) -> VLMambaOutput:
         """Teacher-forced pass over [image][text] (or [prompt][image][target]).
 
@@ -119,7 +120,13 @@ class VLMamba(nn.Module):
             input_ids: (b, t), right padded.
             attention_mask: (b, t) 1 on real tokens; None = all real.
             labels: (b, t) aligned with ``input_ids``; -100 on prompt and padding.
+            loss_reduction: ``"token"``: the mean cross-entropy over all target tokens of the batch
+                (a 15-token caption weighs 15 times a one-word answer); ``"sample"``: the mean over
+                each sequence's target tokens, then over the sequences, so every example weighs the
+                same whatever its length (task mixes of captions and short answers).
         """
+        if loss_reduction not in ("token", "sample"):
+            raise ValueError(f"loss_reduction={loss_reduction!r}: expected 'token' or 'sample'")
         b, t = input_ids.shape
         img, img_mask = self.encode_images(images, image_sizes)  # (b, p, d), (b, p)
         txt = self.language.embed(input_ids)  # (b, t, d)
@@ -135,13 +142,18 @@ class VLMamba(nn.Module):
         ).hidden_states  # (b, l, d)
         text_hidden = _gather_time(hidden, text_pos)  # (b, t, d)
         logits = self.language._logits(text_hidden)  # (b, t, V)
-        loss = None if labels is None else self._loss(hidden, logits, text_pos, labels)
+        loss = None if labels is None else self._loss(hidden, logits, text_pos, labels, loss_reduction)
         return VLMambaOutput(logits=logits, loss=loss)
 
     def _loss(
-        self, hidden: torch.Tensor, logits: torch.Tensor, text_pos: torch.Tensor, labels: torch.Tensor
+        self,
+        hidden: torch.Tensor,
+        logits: torch.Tensor,
+        text_pos: torch.Tensor,
+        labels: torch.Tensor,
+        reduction: str = "token",
     ) -> torch.Tensor:
-        """Mean cross-entropy over target tokens (labels != -100).
+        """Cross-entropy over target tokens (labels != -100), reduced per ``reduction`` (see forward).
 
         Text token k is predicted at the position just before it: text token k-1 (whose logits are
         already computed, so the LM head runs once), except where the image sits in between; there
@@ -152,13 +164,21 @@ class VLMamba(nn.Module):
         after_text = torch.zeros_like(target)
         after_text[:, 1:] = text_pos[:, 1:] - 1 == text_pos[:, :-1]
         regular = target & after_text  # predicted by logits[:, k-1]
-        ce = F.cross_entropy(logits[:, :-1][regular[:, 1:]].float(), labels[regular], reduction="sum")
+        ce = F.cross_entropy(logits[:, :-1][regular[:, 1:]].float(), labels[regular], reduction="none")
+        rows = regular.nonzero()[:, 0]
         irregular = target & ~after_text & (text_pos > 0)  # predicted by the last image token
         if irregular.any():
             h = _gather_time(hidden, (text_pos - 1).clamp_min(0))[irregular]  # (m, d)
-            ce = ce + F.cross_entropy(self.language._logits(h).float(), labels[irregular], reduction="sum")
-        n = int(regular.sum() + irregular.sum())
-        return ce / n if n else logits.sum() * 0.0
+            ce2 = F.cross_entropy(self.language._logits(h).float(), labels[irregular], reduction="none")
+            ce, rows = torch.cat([ce, ce2]), torch.cat([rows, irregular.nonzero()[:, 0]])
+        if ce.numel() == 0:
+            return logits.sum() * 0.0
+        if reduction == "token":
+            return ce.mean()
+        per_row = ce.new_zeros(labels.shape[0]).index_add_(0, rows, ce)  # (b,) summed CE per sequence
+        count = torch.bincount(rows, minlength=labels.shape[0])  # (b,) target tokens per sequence
+        has = count > 0
+        return (per_row[has] / count[has]).mean()
 
     def _text_before_image(self, tmask: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """(b,) number of text positions placed before the image tokens."""
