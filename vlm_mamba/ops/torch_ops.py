@@ -120,7 +120,8 @@ class _LinearRecurrence(torch.autograd.Function):
     (l=30, b=16, e=256, n=8); the whole scan with its discretisation and output 16.6 vs 19.3 ms
     forward+backward at l=32 and level at l=64 (benchmarks/results/bench_lm_scan_demo.json), and a
     demo training step 7-13% faster together with the conv and patchify changes.
-    Backward: g_t = dL/dh_t + a_{t+1} g_{t+1}; dL/dx_t = g_t; dL/da_t = g_t h_{t-1}; dL/dh_0 = a_1 g_1.
+    Backward, for t = 0..l-1 and h_{-1} the initial state (zero when None): g_t = dL/dh_t +
+    a_{t+1} g_{t+1}; dL/dx_t = g_t; dL/da_t = g_t h_{t-1}; dL/dh_{-1} = a_0 g_0.
     """
 
     @staticmethod
@@ -168,7 +169,9 @@ def selective_scan_loop(
         raise ValueError(f"initial_state has shape {tuple(h0.shape)}, expected {tuple(dA.shape[1:])}")
     states = _LinearRecurrence.apply(dA, dBu.expand_as(dA), h0)  # (l,b,e,n)
     y = _scan_output(states, u, C, D, z, e).to(u.dtype)  # (b,e,l)
-    return (y, states[-1]) if return_last_state else y
+    if not return_last_state:
+        return y
+    return y, (states[-1] if L else h0 if h0 is not None else dA.new_zeros(dA.shape[1:]))
 
 
 def selective_scan_chunked(
