@@ -105,6 +105,8 @@ def main() -> None:
         text = tok.decode([i for i in ids if i != tok.pad_token_id])
         return next((q for q in QUESTION_TYPES if q in text), "caption")
 
+    text_first = model.config.prompt_order == "text_first"
+
     def evaluate() -> tuple[float, dict[str, float]]:
         model.eval()
         hits: dict[str, list[float]] = defaultdict(list)
@@ -116,6 +118,8 @@ def main() -> None:
                     b["images"], b["input_ids"], attention_mask=b["attention_mask"], labels=b["labels"]
                 )
                 loss += out.loss.item()
+                if text_first:  # the first answer token is predicted at the last image position,
+                    continue  # which out.logits (text positions only) does not hold: loss only
                 pred = out.logits.argmax(-1).cpu()
                 labels = b["labels"].cpu()
                 for r in range(pred.shape[0]):
