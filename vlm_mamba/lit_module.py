@@ -38,7 +38,7 @@ from torch import nn
 
 from .config import VLMambaConfig
 from .evaluation import eval_records, gather, most_common, predict_batch, vqa_ground_truth
-from .models.vlm import VLMamba
+from .models.vlm import LOSS_REDUCTIONS, VLMamba
 
 log = logging.getLogger(__name__)
 
@@ -182,8 +182,8 @@ class VLMambaLitModule(L.LightningModule):
         if unknown:
             raise ValueError(f"module.val_generation: unknown keys {sorted(unknown)}; known: {sorted(gen)}")
         gen.update(val_generation or {})
-        if loss_reduction not in ("token", "sample"):
-            raise ValueError(f"module.loss_reduction={loss_reduction!r}: expected 'token' or 'sample'")
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"module.loss_reduction={loss_reduction!r}: expected one of {LOSS_REDUCTIONS}")
         # plain types only: checkpoints must load with torch.load(weights_only=True)
         self.save_hyperparameters(
             {
@@ -287,24 +287,18 @@ class VLMambaLitModule(L.LightningModule):
         return int(est)
 
     # ------------------------------------------------------------------ training
-    def forward(self, batch: Mapping[str, Any]):
+    def forward(self, batch: Mapping[str, Any], loss_reduction: str = "token"):
         return self.model(
             images=batch["images"],
             input_ids=batch["input_ids"],
             attention_mask=batch.get("attention_mask"),
             labels=batch.get("labels"),
             image_sizes=batch.get("image_sizes"),
+            loss_reduction=loss_reduction,
         )
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int):
-        loss = self.model(
-            images=batch["images"],
-            input_ids=batch["input_ids"],
-            attention_mask=batch.get("attention_mask"),
-            labels=batch.get("labels"),
-            image_sizes=batch.get("image_sizes"),
-            loss_reduction=self.hparams.loss_reduction,
-        ).loss
+        loss = self(batch, self.hparams.loss_reduction).loss
         b = batch_size_of(batch)
         bad = not bool(torch.isfinite(loss.detach()))
         if self.trainer.world_size > 1:  # every rank must take the same branch

@@ -30,6 +30,8 @@ from ..layers.patch_embed import FuyuPatchProjection
 from .language import LanguageMamba
 from .vision import VisionMamba
 
+LOSS_REDUCTIONS = ("token", "sample")  # VLMamba.forward(loss_reduction=...)
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_NAME = "tokenizer.json"
@@ -125,8 +127,8 @@ class VLMamba(nn.Module):
                 each sequence's target tokens, then over the sequences, so every example weighs the
                 same whatever its length (task mixes of captions and short answers).
         """
-        if loss_reduction not in ("token", "sample"):
-            raise ValueError(f"loss_reduction={loss_reduction!r}: expected 'token' or 'sample'")
+        if loss_reduction not in LOSS_REDUCTIONS:
+            raise ValueError(f"loss_reduction={loss_reduction!r}: expected one of {LOSS_REDUCTIONS}")
         b, t = input_ids.shape
         img, img_mask = self.encode_images(images, image_sizes)  # (b, p, d), (b, p)
         txt = self.language.embed(input_ids)  # (b, t, d)

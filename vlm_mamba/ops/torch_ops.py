@@ -167,7 +167,7 @@ def selective_scan_loop(
     h0 = initial_state.float() if initial_state is not None else None
     if h0 is not None and h0.shape != dA.shape[1:]:
         raise ValueError(f"initial_state has shape {tuple(h0.shape)}, expected {tuple(dA.shape[1:])}")
-    states = _LinearRecurrence.apply(dA, dBu.expand_as(dA), h0)  # (l,b,e,n)
+    states = _LinearRecurrence.apply(dA, dBu, h0)  # (l,b,e,n)
     y = _scan_output(states, u, C, D, z, e).to(u.dtype)  # (b,e,l)
     if not return_last_state:
         return y
