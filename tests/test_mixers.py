@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from vlm_mamba import ops
 from vlm_mamba.config import LanguageConfig, VisionConfig
 from vlm_mamba.layers import Block, InferenceState, Mamba2Mixer, MambaMixer, MixerState, RMSNorm, RMSNormGated
 
@@ -157,12 +158,15 @@ def test_step_is_functional_and_masked_rows_keep_state(kind):
     assert not torch.allclose(new.ssm[0], st.ssm[0])
 
 
+@pytest.mark.parametrize("path", ["torch", "cpu"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_torch_path_equals_reference_values_and_grads(kind):
+def test_torch_path_equals_reference_values_and_grads(kind, path):
+    if path == "cpu" and ops.cpu_unavailable_reason() is not None:
+        pytest.skip(f"compiled CPU kernel unavailable: {ops.cpu_unavailable_reason()}")
     x, mask = _x(b=2, L=7), torch.ones(2, 7, dtype=torch.bool)
     mask[0, :2] = False
     outs, grads = [], []
-    for kernel in ("torch", "ref"):
+    for kernel in (path, "ref"):
         m = _mixer(kind, kernel=kernel).train()
         st = m.allocate_state(2)
         st.ssm.normal_(generator=torch.Generator().manual_seed(0))

@@ -7,8 +7,14 @@ import pytest
 import torch
 
 from vlm_mamba import ops
+from vlm_mamba.ops import cpu_kernels as K
 from vlm_mamba.ops import reference as R
 from vlm_mamba.ops import torch_ops as T
+
+needs_cpu_kernel = pytest.mark.skipif(
+    ops.cpu_unavailable_reason() is not None,
+    reason=f"compiled CPU kernel unavailable: {ops.cpu_unavailable_reason()}",
+)
 
 
 def _leaves(*ts):
@@ -65,6 +71,93 @@ def test_selective_scan_matches_reference(impl, with_state, groups):
         return lambda u, dl, A, B, C, D, z, db, h0: fn(u, dl, A, B, C, D, z, db, True, h0, True)
 
     _assert_same_with_grads(run(impl), run(R.selective_scan_ref), inputs)
+
+
+@needs_cpu_kernel
+@pytest.mark.parametrize(
+    "shape",
+    [
+        dict(e=32, L=11, n=5),
+        dict(e=32, L=11, n=5, groups=2),  # 16 channels per group: one vector each
+        dict(e=48, L=40, n=8),  # three vectors of channels, a demo-like length
+        dict(e=16, L=1, n=3),
+        dict(b=3, e=6, L=9, n=4),  # 6 channels: not a multiple of the lanes, runs the PyTorch path
+    ],
+)
+@pytest.mark.parametrize("with_state", [False, True])
+def test_compiled_cpu_scan_matches_reference(shape, with_state):
+    d = _m1_inputs(**shape)
+    if not with_state:
+        d["initial_state"] = None
+    inputs = [d[k] for k in M1_ORDER]
+
+    def run(fn):
+        return lambda u, dl, A, B, C, D, z, db, h0: fn(u, dl, A, B, C, D, z, db, True, h0, True)
+
+    # the last state is returned too, so its gradient (dh_last) flows through the kernel's backward
+    _assert_same_with_grads(run(K.selective_scan_cpu), run(R.selective_scan_ref), inputs)
+
+
+@needs_cpu_kernel
+def test_compiled_cpu_scan_edge_cases():
+    d = _m1_inputs(e=16, L=6, n=4)
+    # no optionals, bf16 in and out (computed in fp32), fp64 (the PyTorch path keeps its precision)
+    out = K.selective_scan_cpu(d["u"], d["delta"].abs(), d["A"], d["B"], d["C"])
+    torch.testing.assert_close(out, R.selective_scan_ref(d["u"], d["delta"].abs(), d["A"], d["B"], d["C"]))
+    bf = K.selective_scan_cpu(d["u"].bfloat16(), d["delta"].abs(), d["A"], d["B"], d["C"])
+    assert bf.dtype == torch.bfloat16
+    f64 = K.selective_scan_cpu(*(d[k].double() for k in ("u", "delta", "A", "B", "C")), delta_softplus=True)
+    assert f64.dtype == torch.float64
+    ref64 = R.selective_scan_ref(*(d[k].double() for k in ("u", "delta", "A", "B", "C")), delta_softplus=True)
+    torch.testing.assert_close(f64, ref64.to(f64.dtype), atol=1e-5, rtol=1e-5)
+    # length 0: no output steps, the initial state comes back unchanged
+    y, h = K.selective_scan_cpu(
+        d["u"][..., :0], d["delta"][..., :0], d["A"], d["B"][..., :0], d["C"][..., :0],
+        initial_state=d["initial_state"], return_last_state=True,
+    )  # fmt: skip
+    assert y.shape == (2, 16, 0) and torch.equal(h, d["initial_state"])
+    with pytest.raises(ValueError, match="initial_state has shape"):
+        K.selective_scan_cpu(d["u"], d["delta"], d["A"], d["B"], d["C"], initial_state=d["initial_state"][:1])
+
+
+@needs_cpu_kernel
+def test_compiled_cpu_scan_splits_rows_over_threads():
+    """The batch rows go to several threads (one dA buffer each): the result is the one-thread result."""
+    d = _m1_inputs(b=5, e=32, L=9, n=4)
+    inputs = [d[k] for k in M1_ORDER]
+    run = lambda u, dl, A, B, C, D, z, db, h0: K.selective_scan_cpu(u, dl, A, B, C, D, z, db, True, h0, True)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert len(K._row_ranges(5)) == 1
+        one = _leaves(*inputs)
+        y1, h1 = run(*one)
+        (y1.sum() + h1.sum()).backward()
+        torch.set_num_threads(3)
+        assert len(K._row_ranges(5)) == 3
+        many = _leaves(*inputs)
+        y3, h3 = run(*many)
+        (y3.sum() + h3.sum()).backward()
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(y1, y3)
+    for a, b in zip(one, many):
+        torch.testing.assert_close(a.grad, b.grad)
+
+
+def test_cpu_kernel_build_is_cached_and_reports_a_missing_compiler(tmp_path, monkeypatch):
+    monkeypatch.setenv(K.CACHE_ENV, str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    with pytest.raises(RuntimeError, match="no C compiler found"):
+        K.build()
+    monkeypatch.delenv("CC")
+    if K._compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    lib = K.build()
+    assert lib.parent == tmp_path / "kernels" and lib.exists()
+    mtime = lib.stat().st_mtime_ns
+    assert K.build() == lib and lib.stat().st_mtime_ns == mtime, "a second build reuses the cached library"
+    assert sorted(p.name for p in lib.parent.iterdir()) == [lib.name], "no temporary files left behind"
 
 
 def test_selective_scan_dispatch_matches_reference_without_optionals():
@@ -245,8 +338,35 @@ def test_kernel_family_env_override_and_logging(monkeypatch, caplog):
     monkeypatch.delenv(ops.KERNEL_ENV)
     with pytest.raises(ValueError, match="kernel="):
         ops.kernel_family("triton", "cpu")
-    assert ops.kernel_family("auto", "cpu") == "torch"
     ops._resolve.cache_clear()
+
+
+def test_auto_on_cpu_uses_the_compiled_kernel_or_says_why_not(monkeypatch, caplog):
+    ops._resolve.cache_clear()
+    monkeypatch.delenv(ops.KERNEL_ENV, raising=False)
+    reason = ops.cpu_unavailable_reason()
+    assert ops.kernel_family("auto", "cpu") == ("cpu" if reason is None else "torch")
+    # a machine without a working build: auto falls back to PyTorch and logs why; forcing it raises
+    ops._resolve.cache_clear()
+    with monkeypatch.context() as mp:
+        mp.setattr(ops, "cpu_unavailable_reason", lambda: "RuntimeError: no C compiler found")
+        with caplog.at_level(logging.INFO, logger="vlm_mamba.ops"):
+            assert ops.kernel_family("auto", "cpu") == "torch"
+        assert any("no C compiler found" in r.getMessage() for r in caplog.records)
+        with pytest.raises(
+            RuntimeError, match="forces the compiled CPU kernel, but it cannot be used: .*compiler"
+        ):
+            ops.kernel_family("cpu", "cpu")
+    ops._resolve.cache_clear()
+    if reason is None:  # the dispatcher routes the Mamba-1 scan to the kernel, the other ops to PyTorch
+        calls = []
+        real = K.selective_scan_cpu
+        monkeypatch.setattr(K, "selective_scan_cpu", lambda *a: calls.append(1) or real(*a))
+        d = _m1_inputs(e=16, L=3)
+        ops.selective_scan(d["u"], d["delta"], d["A"], d["B"], d["C"], kernel="cpu")
+        assert calls == [1]
+        w = torch.randn(16, 4, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(ops.causal_conv1d(d["u"], w, kernel="cpu"), R.causal_conv1d_ref(d["u"], w))
 
 
 def test_kernel_env_ref_routes_ops_to_reference(monkeypatch):

@@ -19,7 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-Kernel = Literal["auto", "cuda", "torch", "ref"]
+Kernel = Literal["auto", "cuda", "cpu", "torch", "ref"]
 LoRATarget = Literal["in_proj", "out_proj", "x_proj", "dt_proj"]
 
 

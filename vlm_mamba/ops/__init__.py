@@ -1,18 +1,20 @@
 """Kernel dispatch: the only place in vlm_mamba that chooses between CUDA kernels and PyTorch code.
 
-Three families, each with the same function signatures (mamba_ssm's names and layouts):
+Four families, each with the same function signatures (mamba_ssm's names and layouts):
 
 - ``cuda``: mamba_ssm ``selective_scan_fn`` / ``mamba_inner_fn`` / ``mamba_chunk_scan_combined`` /
   ``selective_state_update`` and causal_conv1d ``causal_conv1d_fn`` / ``causal_conv1d_update``
   (``vlm_mamba.ops.cuda``);
+- ``cpu``: the Mamba-1 selective scan as a C kernel fused over time, compiled on first use with the
+  system C compiler (``vlm_mamba.ops.cpu_kernels``); every other op is the ``torch`` one;
 - ``torch``: pure PyTorch with autograd, the fastest form measured on a 2-core CPU per length
   (``vlm_mamba.ops.torch_ops``);
 - ``ref``: the sequential references the tests compare against (``vlm_mamba.ops.reference``).
 
 Which one runs: a non-``"auto"`` ``kernel`` argument (the configs' ``kernel`` field) wins, else the
 ``VLM_MAMBA_KERNEL`` environment variable, else ``auto`` = ``cuda`` for CUDA tensors when the kernels
-import, ``torch`` otherwise. A forced ``cuda`` that cannot run raises, saying why. Each resolution is
-logged once (logger ``vlm_mamba.ops``).
+import, ``cpu`` for CPU tensors when the C kernel builds, ``torch`` otherwise. A forced ``cuda`` or
+``cpu`` that cannot run raises, saying why. Each resolution is logged once (logger ``vlm_mamba.ops``).
 
 Within the cuda family, calls the kernels cannot serve run the torch code instead: conv widths
 other than 2-4 (causal_conv1d's limit), and the one-step ops when autograd needs their gradient
@@ -36,6 +38,7 @@ __all__ = [
     "KERNEL_ENV",
     "kernel_family",
     "cuda_unavailable_reason",
+    "cpu_unavailable_reason",
     "selective_scan",
     "ssd_chunk_scan",
     "causal_conv1d",
@@ -50,7 +53,7 @@ __all__ = [
 
 logger = logging.getLogger("vlm_mamba.ops")
 KERNEL_ENV = "VLM_MAMBA_KERNEL"
-FAMILIES = ("auto", "cuda", "torch", "ref")
+FAMILIES = ("auto", "cuda", "cpu", "torch", "ref")
 _CONV_WIDTHS = (2, 3, 4)  # causal_conv1d's kernels exist for these widths only
 
 
@@ -84,16 +87,35 @@ def _resolve(requested: str, env: str, device_type: str) -> str:
             raise RuntimeError(f"{source} forces the CUDA kernels, but they cannot be used: {reason}")
         if device_type != "cuda":
             raise RuntimeError(f"{source} forces the CUDA kernels, but the tensors are on {device_type!r}")
-    if choice == "auto":
-        reason = cuda_unavailable_reason() if device_type == "cuda" else "tensors are not on a GPU"
+    if choice == "cpu":
+        reason = cpu_unavailable_reason()
+        if reason is not None:
+            raise RuntimeError(f"{source} forces the compiled CPU kernel, but it cannot be used: {reason}")
+        if device_type != "cpu":
+            raise RuntimeError(
+                f"{source} forces the compiled CPU kernel, but the tensors are on {device_type!r}"
+            )
+    if choice == "auto" and device_type == "cpu":
+        reason = cpu_unavailable_reason()
+        choice = "cpu" if reason is None else "torch"
+        source = "auto" if reason is None else f"auto; compiled CPU kernel not used: {reason}"
+    elif choice == "auto":
+        reason = cuda_unavailable_reason() if device_type == "cuda" else f"tensors are on {device_type!r}"
         choice = "cuda" if reason is None else "torch"
         source = "auto" if reason is None else f"auto; CUDA kernels not used: {reason}"
     logger.info("vlm_mamba.ops: kernel family %r for %s tensors (%s)", choice, device_type, source)
     return choice
 
 
+def cpu_unavailable_reason() -> str | None:
+    """None when the compiled CPU scan builds and loads, else a sentence saying why not."""
+    from vlm_mamba.ops import cpu_kernels as _cpu
+
+    return _cpu.unavailable_reason()
+
+
 def kernel_family(requested: str | None = "auto", device: torch.device | str | None = None) -> str:
-    """The family ("cuda" | "torch" | "ref") that ops on ``device`` run with (resolved and logged once).
+    """The family ("cuda" | "cpu" | "torch" | "ref") that ops on ``device`` run with (resolved and logged once).
 
     ``device`` None means the GPU when one is visible, else the CPU.
     """
@@ -113,6 +135,12 @@ def _impl(name: str, kernel: str | None, x: Tensor, cuda_ok: bool = True):
         return getattr(_cuda, name)
     if fam == "ref":
         return getattr(_ref, f"{name}_ref")
+    if fam == "cpu":
+        from vlm_mamba.ops import cpu_kernels as _cpu
+
+        fn = getattr(_cpu, f"{name}_cpu", None)
+        if fn is not None:
+            return fn
     return getattr(_torch, f"{name}_torch")
 
 

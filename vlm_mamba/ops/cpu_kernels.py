@@ -1,0 +1,238 @@
+"""Compiled CPU kernels: the Mamba-1 selective scan fused over time (``csrc/selective_scan_cpu.c``).
+
+The pure-PyTorch scan writes several ``(l, b, e, n)`` tensors per call forward and backward; on a
+2-core CPU that was half of a demo training step. The C kernel keeps each (batch, channel) row's
+state in registers and recomputes the states in the backward pass, so its memory traffic is the
+inputs and outputs only.
+
+It is built on first use with the system C compiler (``$CC``, else ``cc``/``gcc``/``clang``), in well
+under a second, into ``$VLM_MAMBA_CACHE`` (default ``~/.cache/vlm_mamba``) under a name hashed from
+the source, the flags, the compiler and the CPU, written to a temporary file and renamed, so
+concurrent first uses are safe. It is loaded with ctypes, which releases the GIL during a call: a
+call's batch rows are split over ``torch.get_num_threads()`` Python threads. No compiler, or a failed
+build, leaves the PyTorch path in charge (``unavailable_reason`` says why; ``vlm_mamba.ops`` logs it).
+Only fp32 runs here; other dtypes are computed in fp32 and cast back, fp64 goes to the PyTorch path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from vlm_mamba.ops import torch_ops as _torch
+from vlm_mamba.ops.reference import _dt
+
+logger = logging.getLogger("vlm_mamba.ops")
+
+SOURCE = Path(__file__).with_name("csrc") / "selective_scan_cpu.c"
+CACHE_ENV = "VLM_MAMBA_CACHE"
+FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", "-std=c11")
+LANES = 16  # channels per vector in the kernel (its W): e / g must be a multiple, else the PyTorch path runs
+NATIVE = "-march=native"  # the build runs on the machine that uses it; dropped if the compiler refuses
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC", "").strip()
+    if cc:
+        return cc if shutil.which(cc) else None
+    return next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
+
+
+def _cpu_signature() -> str:
+    """What -march=native depends on: the CPU model and flags (Linux), else the platform string."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        keep = [ln for ln in lines if ln.startswith(("model name", "flags", "Features"))][:2]
+        return "\n".join(keep) or platform.processor()
+    except OSError:
+        return platform.platform()
+
+
+def cache_dir() -> Path:
+    root = os.environ.get(CACHE_ENV) or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "vlm_mamba"
+    )
+    return Path(root) / "kernels"
+
+
+def _compile(cc: str, src: Path, out: Path, flags: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([cc, *flags, str(src), "-o", str(out)], capture_output=True, text=True)
+
+
+def build() -> Path:
+    """Compile the kernel (once per source, flags, compiler and CPU) and return the shared library."""
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found ($CC, cc, gcc or clang)")
+    source = SOURCE.read_bytes()
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    key = hashlib.sha256(
+        b"\0".join([source, " ".join(FLAGS).encode(), version.encode(), _cpu_signature().encode()])
+    )
+    out = cache_dir() / f"selective_scan_cpu-{key.hexdigest()[:16]}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    tmp = Path(tmp_name)
+    try:
+        res = _compile(cc, SOURCE, tmp, [NATIVE, *FLAGS])
+        if res.returncode != 0:
+            res = _compile(cc, SOURCE, tmp, list(FLAGS))
+        if res.returncode != 0:
+            raise RuntimeError(f"{cc} failed to build {SOURCE.name}: {res.stderr.strip()[-2000:]}")
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out
+
+
+@functools.cache
+def load() -> ctypes.CDLL:
+    lib = ctypes.CDLL(str(build()))
+    f32p, i64 = ctypes.c_void_p, ctypes.c_int64
+    lib.vlm_scan_fwd.argtypes = [f32p] * 8 + [i64] * 6
+    lib.vlm_scan_bwd.argtypes = [f32p] * 14 + [i64] * 6
+    lib.vlm_scan_fwd.restype = lib.vlm_scan_bwd.restype = ctypes.c_int
+    return lib
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+    """None when the kernel builds and loads, else a sentence saying why not."""
+    try:
+        load()
+    except Exception as err:  # no compiler, a failed build, an unloadable library
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vlm_mamba_scan")
+
+
+def _ptr(t: Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def _row_ranges(b: int) -> list[tuple[int, int]]:
+    parts = max(1, min(torch.get_num_threads(), b))
+    cuts = [b * i // parts for i in range(parts + 1)]
+    return [(lo, hi) for lo, hi in zip(cuts[:-1], cuts[1:]) if hi > lo]
+
+
+def _run(fn, ranges: list[tuple[int, int]], make_args) -> None:
+    """Call ``fn(*make_args(i), b0, b1)`` for each row range, on threads when there are several."""
+    if len(ranges) == 1:
+        codes = [fn(*make_args(0), *ranges[0])]
+    else:
+        futures = [_pool(len(ranges)).submit(fn, *make_args(i), lo, hi) for i, (lo, hi) in enumerate(ranges)]
+        codes = [f.result() for f in futures]
+    if any(codes):
+        raise MemoryError("selective_scan_cpu: the kernel could not allocate its row buffers")
+
+
+class _SelectiveScanCPU(torch.autograd.Function):
+    """(u, delta, A, B, C, h0) -> (y, h_last); y_t = C_t . h_t with h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t.
+
+    u, delta, y (b,l,e); A (n,e); B, C (b,g,l,n); h0, h_last (b,e,n) or None; all fp32 contiguous on
+    the CPU, e and e / g multiples of ``LANES``.
+    """
+
+    @staticmethod
+    def forward(ctx, u, delta, A, B, C, h0):
+        lib = load()
+        b, L, e = u.shape
+        n, g = A.shape[0], B.shape[1]
+        y = torch.empty_like(u)
+        h_last = u.new_empty(b, e, n)
+        dims = (e, L, n, g)
+        _run(lib.vlm_scan_fwd, _row_ranges(b), lambda i: (
+            _ptr(u), _ptr(delta), _ptr(A), _ptr(B), _ptr(C), _ptr(h0), _ptr(y), _ptr(h_last), *dims,
+        ))  # fmt: skip
+        ctx.save_for_backward(u, delta, A, B, C, h0)
+        return y, h_last
+
+    @staticmethod
+    def backward(ctx, dy, dh_last):
+        lib = load()
+        u, delta, A, B, C, h0 = ctx.saved_tensors
+        b, L, e = u.shape
+        n, g = A.shape[0], B.shape[1]
+        dy = torch.zeros_like(u) if dy is None else dy.float().contiguous()
+        dh_last = None if dh_last is None else dh_last.float().contiguous()
+        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+        dB, dC = torch.zeros_like(B), torch.zeros_like(C)
+        ranges = _row_ranges(b)
+        dA = A.new_zeros(len(ranges), n, e)  # one accumulator per thread
+        dh0 = torch.empty_like(h0) if h0 is not None else None
+        dims = (e, L, n, g)
+        _run(lib.vlm_scan_bwd, ranges, lambda i: (
+            _ptr(u), _ptr(delta), _ptr(A), _ptr(B), _ptr(C), _ptr(h0), _ptr(dy), _ptr(dh_last), _ptr(du),
+            _ptr(ddelta), _ptr(dA[i]), _ptr(dB), _ptr(dC), _ptr(dh0), *dims,
+        ))  # fmt: skip
+        return du, ddelta, dA.sum(0), dB, dC, dh0
+
+
+def _channels_last(x: Tensor) -> Tensor:
+    """(b,e,l) -> (b,l,e) fp32 contiguous."""
+    return x.float().transpose(1, 2).contiguous()
+
+
+def _time_major_state(X: Tensor) -> Tensor:
+    """B or C (b,n,l) | (b,g,n,l) -> (b,g,l,n) fp32 contiguous."""
+    X = X.float()
+    if X.dim() == 3:
+        X = X[:, None]
+    return X.transpose(-1, -2).contiguous()
+
+
+def selective_scan_cpu(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None,
+    return_last_state=False,
+):  # fmt: skip
+    """Mamba-1 selective scan on the compiled kernel; ``selective_scan_torch``'s signature and results.
+
+    Args: u, delta, z (b,e,l); A (e,n); B, C (b,n,l) or (b,g,n,l); D, delta_bias (e,);
+    initial_state (b,e,n). Returns y (b,e,l) in u's dtype and, if asked, the last state (b,e,n) fp32.
+    """
+    b, e, L = u.shape
+    groups = 1 if B.dim() == 3 else B.shape[1]
+    if u.dtype == torch.float64 or u.device.type != "cpu" or (e // groups) % LANES:
+        return _torch.selective_scan_torch(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state
+        )
+    n = A.shape[-1]
+    h0 = None if initial_state is None else initial_state.float().contiguous()
+    if h0 is not None and h0.shape != (b, e, n):
+        raise ValueError(f"initial_state has shape {tuple(h0.shape)}, expected {(b, e, n)}")
+    if L == 0:
+        y = u.float().new_zeros(b, e, 0)
+        h_last = h0 if h0 is not None else u.float().new_zeros(b, e, n)
+    else:
+        dt = _dt(delta, None if delta_bias is None else delta_bias[:, None], delta_softplus)
+        y, h_last = _SelectiveScanCPU.apply(
+            _channels_last(u), _channels_last(dt), A.float().t().contiguous(), _time_major_state(B),
+            _time_major_state(C), h0,
+        )  # fmt: skip
+        y = y.transpose(1, 2)  # (b,e,l)
+    if D is not None:
+        y = y + u.float() * D.float()[:, None]
+    if z is not None:
+        y = y * torch.nn.functional.silu(z.float())
+    y = y.to(u.dtype)
+    return (y, h_last) if return_last_state else y
