@@ -1,6 +1,7 @@
 """Language-model speed: ms per forward+backward for a tiny and a small LanguageMamba, and the scans
-behind it (the pure-PyTorch forms vs the sequential reference), with transformers' Mamba/Mamba2
-(slow path, i.e. its own PyTorch code) as a peer. Not a test: prints a table and writes JSON.
+behind it (the compiled CPU kernel and the pure-PyTorch forms vs the sequential reference), with
+transformers' Mamba/Mamba2 (slow path, i.e. its own PyTorch code) as a peer. Not a test: prints a
+table and writes JSON.
 
     python benchmarks/bench_lm.py                 # CPU, results in benchmarks/results/bench_lm.json
     python benchmarks/bench_lm.py --device cuda   # on a GPU: kernels vs the torch path
@@ -28,6 +29,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from vlm_mamba.config import LanguageConfig  # noqa: E402
 from vlm_mamba.models.language import LanguageMamba  # noqa: E402
+from vlm_mamba import ops  # noqa: E402
+from vlm_mamba.ops import cpu_kernels as K  # noqa: E402
 from vlm_mamba.ops import reference as R  # noqa: E402
 from vlm_mamba.ops import torch_ops as T  # noqa: E402
 
@@ -97,7 +100,10 @@ def hf_peer(ssm: str, size: dict, device: str):
 
 def bench_lms(device: str, batch: int, lengths: list[int], reps: int, peer_lengths: list[int]) -> list[dict]:
     rows = []
-    kernels = ["auto", "torch"] if device == "cuda" else ["torch"]
+    if device == "cuda":
+        kernels = ["auto", "torch"]
+    else:
+        kernels = ["cpu", "torch"] if ops.cpu_unavailable_reason() is None else ["torch"]
     for name, size in SIZES.items():
         for ssm in ("mamba1", "mamba2"):
             for L in lengths:
@@ -163,9 +169,15 @@ def bench_scans(
             r(b, L, 1, n),
             r(b, L, 1, n),
         ]
+        compiled = {}
+        if device == "cpu" and ops.cpu_unavailable_reason() is None:
+            compiled["compiled CPU kernel (chosen)"] = lambda u, d, A, B, C, D: K.selective_scan_cpu(
+                u, d, A, B, C, D
+            )
         impls = {
             "mamba1": {
-                "torch loop (chosen)": lambda u, d, A, B, C, D: T.selective_scan_loop(u, d, A, B, C, D),
+                **compiled,
+                "torch loop (PyTorch path)": lambda u, d, A, B, C, D: T.selective_scan_loop(u, d, A, B, C, D),
                 "torch loop, autograd backward": autograd_loop_scan,
                 "torch chunked doubling scan": lambda u, d, A, B, C, D: T.selective_scan_chunked(
                     u, d, A, B, C, D

@@ -32,7 +32,6 @@ import torch
 from torch import Tensor
 
 from vlm_mamba.ops import torch_ops as _torch
-from vlm_mamba.ops.reference import _dt
 
 logger = logging.getLogger("vlm_mamba.ops")
 
@@ -104,8 +103,8 @@ def build() -> Path:
 def load() -> ctypes.CDLL:
     lib = ctypes.CDLL(str(build()))
     f32p, i64 = ctypes.c_void_p, ctypes.c_int64
-    lib.vlm_scan_fwd.argtypes = [f32p] * 8 + [i64] * 6
-    lib.vlm_scan_bwd.argtypes = [f32p] * 14 + [i64] * 6
+    lib.vlm_scan_fwd.argtypes = [f32p] * 8 + [i64] + [f32p] * 3 + [i64] * 6
+    lib.vlm_scan_bwd.argtypes = [f32p] * 8 + [i64] + [f32p] * 10 + [i64] * 6
     lib.vlm_scan_fwd.restype = lib.vlm_scan_bwd.restype = ctypes.c_int
     return lib
 
@@ -147,45 +146,50 @@ def _run(fn, ranges: list[tuple[int, int]], make_args) -> None:
 
 
 class _SelectiveScanCPU(torch.autograd.Function):
-    """(u, delta, A, B, C, h0) -> (y, h_last); y_t = C_t . h_t with h_t = exp(delta_t A) h_{t-1} + delta_t u_t B_t.
+    """mamba_ssm's selective scan on the C kernel, channels last; see ``csrc/selective_scan_cpu.c``.
 
-    u, delta, y (b,l,e); A (n,e); B, C (b,g,l,n); h0, h_last (b,e,n) or None; all fp32 contiguous on
-    the CPU, e and e / g multiples of ``LANES``.
+    u, delta, z, y (b,l,e); A (n,e); B, C (b,g,l,n); D, delta_bias (e,); h0, h_last (b,e,n); D, z,
+    delta_bias, h0 may be None. All fp32 contiguous on the CPU, e / g a multiple of ``LANES``.
     """
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, h0):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, h0):
         lib = load()
         b, L, e = u.shape
         n, g = A.shape[0], B.shape[1]
         y = torch.empty_like(u)
         h_last = u.new_empty(b, e, n)
-        dims = (e, L, n, g)
+        ptrs = [_ptr(t) for t in (u, delta, A, B, C, D, z, delta_bias)]
         _run(lib.vlm_scan_fwd, _row_ranges(b), lambda i: (
-            _ptr(u), _ptr(delta), _ptr(A), _ptr(B), _ptr(C), _ptr(h0), _ptr(y), _ptr(h_last), *dims,
+            *ptrs, int(softplus), _ptr(h0), _ptr(y), _ptr(h_last), e, L, n, g,
         ))  # fmt: skip
-        ctx.save_for_backward(u, delta, A, B, C, h0)
+        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, h0)
+        ctx.softplus = softplus
         return y, h_last
 
     @staticmethod
     def backward(ctx, dy, dh_last):
         lib = load()
-        u, delta, A, B, C, h0 = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, h0 = ctx.saved_tensors
         b, L, e = u.shape
         n, g = A.shape[0], B.shape[1]
         dy = torch.zeros_like(u) if dy is None else dy.float().contiguous()
         dh_last = None if dh_last is None else dh_last.float().contiguous()
         du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+        dz = torch.empty_like(z) if z is not None else None
         dB, dC = torch.zeros_like(B), torch.zeros_like(C)
         ranges = _row_ranges(b)
-        dA = A.new_zeros(len(ranges), n, e)  # one accumulator per thread
+        acc = A.new_zeros(len(ranges), n + 2, e)  # per thread: dA (n rows), dD, d(delta_bias)
         dh0 = torch.empty_like(h0) if h0 is not None else None
-        dims = (e, L, n, g)
+        ptrs = [_ptr(t) for t in (u, delta, A, B, C, D, z, delta_bias)]
         _run(lib.vlm_scan_bwd, ranges, lambda i: (
-            _ptr(u), _ptr(delta), _ptr(A), _ptr(B), _ptr(C), _ptr(h0), _ptr(dy), _ptr(dh_last), _ptr(du),
-            _ptr(ddelta), _ptr(dA[i]), _ptr(dB), _ptr(dC), _ptr(dh0), *dims,
+            *ptrs, int(ctx.softplus), _ptr(h0), _ptr(dy), _ptr(dh_last), _ptr(du), _ptr(ddelta), _ptr(dz),
+            _ptr(acc[i]), _ptr(dB), _ptr(dC), _ptr(dh0), e, L, n, g,
         ))  # fmt: skip
-        return du, ddelta, dA.sum(0), dB, dC, dh0
+        acc = acc.sum(0)
+        dD = acc[n] if D is not None else None
+        dbias = acc[n + 1] if delta_bias is not None else None
+        return du, ddelta, acc[:n], dB, dC, dD, dz, dbias, None, dh0
 
 
 def _channels_last(x: Tensor) -> Tensor:
@@ -224,15 +228,12 @@ def selective_scan_cpu(
         y = u.float().new_zeros(b, e, 0)
         h_last = h0 if h0 is not None else u.float().new_zeros(b, e, n)
     else:
-        dt = _dt(delta, None if delta_bias is None else delta_bias[:, None], delta_softplus)
+        opt = lambda t: None if t is None else t.float().contiguous()
         y, h_last = _SelectiveScanCPU.apply(
-            _channels_last(u), _channels_last(dt), A.float().t().contiguous(), _time_major_state(B),
-            _time_major_state(C), h0,
+            _channels_last(u), _channels_last(delta), A.float().t().contiguous(), _time_major_state(B),
+            _time_major_state(C), opt(D), None if z is None else _channels_last(z), opt(delta_bias),
+            bool(delta_softplus), h0,
         )  # fmt: skip
         y = y.transpose(1, 2)  # (b,e,l)
-    if D is not None:
-        y = y + u.float() * D.float()[:, None]
-    if z is not None:
-        y = y * torch.nn.functional.silu(z.float())
     y = y.to(u.dtype)
     return (y, h_last) if return_last_state else y
