@@ -27,9 +27,9 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from vlm_mamba import ops  # noqa: E402
 from vlm_mamba.config import LanguageConfig  # noqa: E402
 from vlm_mamba.models.language import LanguageMamba  # noqa: E402
-from vlm_mamba import ops  # noqa: E402
 from vlm_mamba.ops import cpu_kernels as K  # noqa: E402
 from vlm_mamba.ops import reference as R  # noqa: E402
 from vlm_mamba.ops import torch_ops as T  # noqa: E402
