@@ -116,7 +116,9 @@ def test_compiled_cpu_scan_edge_cases():
     small_A = d["A"] * 0.01  # keeps exp(dt A) away from 0 at dt ~ 40, so every step matters
     for args in ((d["u"], ramp, small_A, d["B"], d["C"], d["D"], ramp * 2, None, True),
                  (d["u"], ramp * 0.01, d["A"], d["B"], d["C"], None, None, d["delta_bias"], True)):  # fmt: skip
-        torch.testing.assert_close(K.selective_scan_cpu(*args), R.selective_scan_ref(*args), rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(
+            K.selective_scan_cpu(*args), R.selective_scan_ref(*args), rtol=1e-4, atol=1e-4
+        )
     # length 0: no output steps, the initial state comes back unchanged
     y, h = K.selective_scan_cpu(
         d["u"][..., :0], d["delta"][..., :0], d["A"], d["B"][..., :0], d["C"][..., :0],

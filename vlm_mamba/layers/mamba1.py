@@ -19,6 +19,10 @@ from torch import Tensor, nn
 from vlm_mamba import ops
 from vlm_mamba.layers.state import MixerState
 
+# The raw dt of a padding position: softplus of it (plus any bias) underflows to exactly 0 in fp32,
+# in PyTorch, mamba_ssm's kernels and the compiled CPU kernel alike (finite, so no inf * 0 anywhere).
+PAD_DELTA = -1.0e4
+
 
 def _prepare_mask(mask: Tensor | None, x: Tensor) -> Tensor | None:
     """mask (b,l) -> bool, or None when every position is real (the unmasked fast path)."""
@@ -150,15 +154,11 @@ class MambaMixer(nn.Module):
         )  # (b,e,l)
         dt, B, C = self.x_proj(xc.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = self.dt_proj.weight @ dt.transpose(1, 2)  # (e,r) @ (b,r,l) -> (b,e,l), bias added below
-        if mask is None:
-            delta_bias, softplus = self.dt_proj.bias.float(), True
-        else:  # dt = 0 at pads: exp(0*A) = 1 and no input, an identity step
-            delta = (F.softplus(delta.float() + self.dt_proj.bias.float()[:, None]) * valid[:, None]).to(
-                xc.dtype
-            )
-            delta_bias, softplus = None, False
+        if mask is not None:  # dt = softplus(-1e4 + bias) = 0 exactly at pads: exp(0*A) = 1 and no
+            # input, an identity step. Done before the scan so the scan keeps its fused bias + softplus.
+            delta = delta.masked_fill(~valid[:, None], PAD_DELTA)
         y = ops.selective_scan(
-            xc, delta, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z, delta_bias, softplus,
+            xc, delta, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z, self.dt_proj.bias.float(), True,
             initial_state=state.ssm if state is not None else None, return_last_state=return_state,
             kernel=self.kernel,
         )  # fmt: skip

@@ -86,14 +86,18 @@ static inline vf vlog(vf x) {
     return m + y + e * 0.693359375f;
 }
 
-static inline vf vsigmoid(vf x) { return 1.0f / (1.0f + vexp(-x)); }
+/* below -80 both softplus and sigmoid are < 2e-35: exactly 0 here, so padding steps (dt = softplus(-1e4))
+ * are exact identity steps and no denormal ever enters the arithmetic */
+#define UNDERFLOW -80.0f
+
+static inline vf vsigmoid(vf x) { return vselect(x < UNDERFLOW, vsplat(0.0f), 1.0f / (1.0f + vexp(-x))); }
 
 /* softplus as torch computes it: x above 20, else log1p(exp(x)) (log1p by Goldberg's correction) */
 static inline vf vsoftplus(vf x) {
     const vf y = vexp(x), u = 1.0f + y;
     const vi exact = u == 1.0f;
     const vf l1p = vselect(exact, y, vlog(u) * (y / vselect(exact, vsplat(1.0f), u - 1.0f)));
-    return vselect(x > 20.0f, x, l1p);
+    return vselect(x > 20.0f, x, vselect(x < UNDERFLOW, vsplat(0.0f), l1p));
 }
 
 /* the step sizes of one time step: softplus(delta + bias) or delta as given */
