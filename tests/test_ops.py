@@ -246,6 +246,12 @@ def test_causal_conv1d_matches_reference(k, with_state):
         return lambda x, w, bias, init: f(x, w, bias, init, True, "silu")
 
     _assert_same_with_grads(run(T.causal_conv1d_torch), run(R.causal_conv1d_ref), [x, w, bias, init])
+    # the channels-last twin (the CPU kernel's mixer path): (b,l,e) in and out, the same numbers
+    last = lambda x, w, bias, init: T.causal_conv1d_channels_last(x.transpose(1, 2), w, bias, init).transpose(
+        1, 2
+    )
+    ref = lambda x, w, bias, init: R.causal_conv1d_ref(x, w, bias, init)
+    _assert_same_with_grads(last, ref, [x, w, bias, init])
 
 
 def test_conv_is_causal_and_continues_from_its_final_state():

@@ -147,16 +147,31 @@ class MambaMixer(nn.Module):
             x = x.gather(1, ops.expand_index(order, x))
             valid = torch.arange(L, device=x.device) < lengths[:, None]  # (b,l)
         xi, z = self.in_proj(x).chunk(2, dim=-1)  # (b,l,e) each
-        xi, z = xi.transpose(1, 2), z.transpose(1, 2)  # (b,e,l)
         conv_init = state.conv if state is not None else None
-        xc = ops.causal_conv1d(
-            xi, self.conv1d.weight[:, 0], self.conv1d.bias, initial_states=conv_init, kernel=self.kernel
-        )  # (b,e,l)
-        dt, B, C = self.x_proj(xc.transpose(1, 2)).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        delta = self.dt_proj.weight @ dt.transpose(1, 2)  # (e,r) @ (b,r,l) -> (b,e,l), bias added below
-        if mask is not None:  # dt = softplus(-1e4 + bias) = 0 exactly at pads: exp(0*A) = 1 and no
-            # input, an identity step. Done before the scan so the scan keeps its fused bias + softplus.
-            delta = delta.masked_fill(~valid[:, None], PAD_DELTA)
+        if ops.kernel_family(self.kernel, x.device) == "cpu":
+            # the compiled CPU scan reads (b,l,e): keep the channels last throughout, the scan's
+            # (b,e,l) arguments below are transposed views of it
+            xc = ops.causal_conv1d_channels_last(
+                xi, self.conv1d.weight[:, 0], self.conv1d.bias, initial_states=conv_init
+            )  # (b,l,e)
+            dt, B, C = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+            delta = F.linear(dt, self.dt_proj.weight)  # (b,l,e), bias added in the scan
+            if mask is not None:
+                delta = delta.masked_fill(~valid[..., None], PAD_DELTA)
+            xc, delta = xc.transpose(1, 2), delta.transpose(1, 2)  # (b,e,l) views
+        else:
+            xc = ops.causal_conv1d(
+                xi.transpose(1, 2), self.conv1d.weight[:, 0], self.conv1d.bias, initial_states=conv_init,
+                kernel=self.kernel,
+            )  # (b,e,l)  # fmt: skip
+            dt, B, C = self.x_proj(xc.transpose(1, 2)).split(
+                [self.dt_rank, self.d_state, self.d_state], dim=-1
+            )
+            delta = self.dt_proj.weight @ dt.transpose(1, 2)  # (e,r) @ (b,r,l) -> (b,e,l), bias added below
+            if mask is not None:  # dt = softplus(-1e4 + bias) = 0 exactly at pads: exp(0*A) = 1 and no
+                # input, an identity step. Done before the scan so the scan keeps its fused bias + softplus.
+                delta = delta.masked_fill(~valid[:, None], PAD_DELTA)
+        xi, z = xi.transpose(1, 2), z.transpose(1, 2)  # (b,e,l) views
         y = ops.selective_scan(
             xc, delta, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z, self.dt_proj.bias.float(), True,
             initial_state=state.ssm if state is not None else None, return_last_state=return_state,

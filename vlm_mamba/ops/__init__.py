@@ -33,6 +33,7 @@ from torch import Tensor
 from vlm_mamba.ops import reference as _ref
 from vlm_mamba.ops import torch_ops as _torch
 from vlm_mamba.ops.padding import compact_by_mask, conv_window, expand_index
+from vlm_mamba.ops.torch_ops import causal_conv1d_channels_last
 
 __all__ = [
     "KERNEL_ENV",
@@ -42,6 +43,7 @@ __all__ = [
     "selective_scan",
     "ssd_chunk_scan",
     "causal_conv1d",
+    "causal_conv1d_channels_last",
     "causal_conv1d_update",
     "selective_state_update",
     "mamba_inner",

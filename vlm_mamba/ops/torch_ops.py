@@ -67,6 +67,28 @@ def causal_conv1d_torch(
     return y
 
 
+def causal_conv1d_channels_last(
+    x: Tensor, weight: Tensor, bias: Tensor | None = None, initial_states: Tensor | None = None,
+    activation: str | None = "silu",
+) -> Tensor:  # fmt: skip
+    """``causal_conv1d_torch`` with the channels last: x (b,l,e) -> y (b,l,e).
+
+    For the compiled CPU scan, which reads (b,l,e): the Mamba-1 mixer then needs no transposes
+    between in_proj, the conv, x_proj, the scan and out_proj. initial_states (b,e,k-1) as elsewhere.
+    """
+    b, L, e = x.shape
+    k = weight.shape[-1]
+    if initial_states is not None:
+        xp = torch.cat([initial_states.to(x.dtype).transpose(1, 2), x], dim=1)  # (b,k-1+l,e)
+    else:
+        xp = F.pad(x, (0, 0, k - 1, 0))
+    w = weight.to(x.dtype).t()  # (k,e)
+    y = xp[:, :L] * w[0] if bias is None else torch.addcmul(bias.to(x.dtype), xp[:, :L], w[0])
+    for i in range(1, k):
+        y = torch.addcmul(y, xp[:, i : i + L], w[i])
+    return _act(y, activation)
+
+
 def causal_conv1d_update_torch(
     x: Tensor, conv_state: Tensor, weight: Tensor, bias: Tensor | None = None, activation: str | None = "silu"
 ):

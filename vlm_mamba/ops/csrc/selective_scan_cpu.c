@@ -165,16 +165,21 @@ int vlm_scan_bwd(const float *u, const float *delta, const float *A, const float
                  float *dB, float *dC, float *dh0, int64_t E, int64_t L, int64_t N, int64_t G, int64_t b0,
                  int64_t b1) {
     /* hs[t * N + n]: the state before step t (t = 0: h0) up to the last (t = L); as[t * N + n] decays;
-     * ys[t]: the output before the gate */
+     * ys[t]: the output before the gate; dBv, dCv: dB, dC per lane, summed over the lanes once per
+     * (row, group) rather than once per block of W channels */
     vf *hs = (vf *)aligned_alloc(sizeof(vf), sizeof(vf) * (size_t)((L + 1) * N));
     vf *as = (vf *)aligned_alloc(sizeof(vf), sizeof(vf) * (size_t)(L * N));
     vf *ys = (vf *)aligned_alloc(sizeof(vf), sizeof(vf) * (size_t)L);
     vf *g = (vf *)aligned_alloc(sizeof(vf), sizeof(vf) * (size_t)N);
-    if (!hs || !as || !ys || !g) {
+    vf *dBv = (vf *)aligned_alloc(sizeof(vf), sizeof(vf) * (size_t)(L * N));
+    vf *dCv = (vf *)aligned_alloc(sizeof(vf), sizeof(vf) * (size_t)(L * N));
+    if (!hs || !as || !ys || !g || !dBv || !dCv) {
         free(hs);
         free(as);
         free(ys);
         free(g);
+        free(dBv);
+        free(dCv);
         return 1;
     }
     const int64_t per_group = E / G;
@@ -183,7 +188,10 @@ int vlm_scan_bwd(const float *u, const float *delta, const float *A, const float
         for (int64_t e0 = 0; e0 < E; e0 += W) {
             const int64_t grp = b * G + e0 / per_group;
             const float *Bg = B + grp * L * N, *Cg = C + grp * L * N;
-            float *dBg = dB + grp * L * N, *dCg = dC + grp * L * N;
+            if (e0 % per_group == 0) { /* a new group: fresh lane accumulators */
+                memset(dBv, 0, sizeof(vf) * (size_t)(L * N));
+                memset(dCv, 0, sizeof(vf) * (size_t)(L * N));
+            }
             const vf Dv = D ? vload(D + e0) : vsplat(0.0f);
             vf dD = vsplat(0.0f), dbias = vsplat(0.0f);
             load_state(hs, h0, b, e0, E, N);
@@ -222,8 +230,8 @@ int vlm_scan_bwd(const float *u, const float *delta, const float *A, const float
                     const float bn = Bg[t * N + n], cn = Cg[t * N + n];
                     const vf gj = g[n] + gy * cn;
                     const vf gah = gj * a * hs[t * N + n]; /* dL/d(dt A) */
-                    dCg[t * N + n] += vsum(gy * hs[(t + 1) * N + n]);
-                    dBg[t * N + n] += vsum(gj * dtu);
+                    dCv[t * N + n] += gy * hs[(t + 1) * N + n];
+                    dBv[t * N + n] += gj * dtu;
                     acc_d += gah * An + gj * ut * bn;
                     acc_u += gj * bn;
                     vstore(acc + n * E + e0, vload(acc + n * E + e0) + gah * dt);
@@ -237,11 +245,20 @@ int vlm_scan_bwd(const float *u, const float *delta, const float *A, const float
             vstore(dD_acc + e0, vload(dD_acc + e0) + dD);
             vstore(dbias_acc + e0, vload(dbias_acc + e0) + dbias);
             if (dh0) store_state(dh0, g, b, e0, E, N);
+            if ((e0 + W) % per_group == 0) { /* the group's last block: sum the lanes */
+                float *dBg = dB + grp * L * N, *dCg = dC + grp * L * N;
+                for (int64_t i = 0; i < L * N; ++i) {
+                    dBg[i] += vsum(dBv[i]);
+                    dCg[i] += vsum(dCv[i]);
+                }
+            }
         }
     }
     free(hs);
     free(as);
     free(ys);
     free(g);
+    free(dBv);
+    free(dCv);
     return 0;
 }
