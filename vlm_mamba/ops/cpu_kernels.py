@@ -25,6 +25,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -37,7 +38,7 @@ logger = logging.getLogger("vlm_mamba.ops")
 
 SOURCE = Path(__file__).with_name("csrc") / "selective_scan_cpu.c"
 CACHE_ENV = "VLM_MAMBA_CACHE"
-FLAGS = ("-O3", "-fPIC", "-shared", "-fopenmp-simd", "-fno-math-errno", "-std=c11")
+FLAGS = ("-O3", "-fPIC", "-shared", "-fno-math-errno", "-std=c11")
 LANES = 16  # channels per vector in the kernel (its W): e / g must be a multiple, else the PyTorch path runs
 NATIVE = "-march=native"  # the build runs on the machine that uses it; dropped if the compiler refuses
 
@@ -87,6 +88,7 @@ def build() -> Path:
     fd, tmp_name = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     tmp = Path(tmp_name)
+    t0 = time.perf_counter()
     try:
         res = _compile(cc, SOURCE, tmp, [NATIVE, *FLAGS])
         if res.returncode != 0:
@@ -96,6 +98,7 @@ def build() -> Path:
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
+    logger.info("vlm_mamba.ops: built %s with %s in %.1f s", out, cc, time.perf_counter() - t0)
     return out
 
 
@@ -120,7 +123,8 @@ def unavailable_reason() -> str | None:
 
 
 @functools.cache
-def _pool(workers: int) -> ThreadPoolExecutor:
+def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
+    """One pool per size and process (a forked child gets its own: the parent's threads do not fork)."""
     return ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vlm_mamba_scan")
 
 
@@ -139,7 +143,10 @@ def _run(fn, ranges: list[tuple[int, int]], make_args) -> None:
     if len(ranges) == 1:
         codes = [fn(*make_args(0), *ranges[0])]
     else:
-        futures = [_pool(len(ranges)).submit(fn, *make_args(i), lo, hi) for i, (lo, hi) in enumerate(ranges)]
+        futures = [
+            _pool(len(ranges), os.getpid()).submit(fn, *make_args(i), lo, hi)
+            for i, (lo, hi) in enumerate(ranges)
+        ]
         codes = [f.result() for f in futures]
     if any(codes):
         raise MemoryError("selective_scan_cpu: the kernel could not allocate its row buffers")
