@@ -173,15 +173,8 @@ int vlm_scan_bwd(const float *u, const float *delta, const float *A, const float
     vf *g = (vf *)aligned_alloc(sizeof(vf), sizeof(vf) * (size_t)N);
     vf *dBv = (vf *)aligned_alloc(sizeof(vf), sizeof(vf) * (size_t)(L * N));
     vf *dCv = (vf *)aligned_alloc(sizeof(vf), sizeof(vf) * (size_t)(L * N));
-    if (!hs || !as || !ys || !g || !dBv || !dCv) {
-        free(hs);
-        free(as);
-        free(ys);
-        free(g);
-        free(dBv);
-        free(dCv);
-        return 1;
-    }
+    int status = 1; /* 1: a buffer could not be allocated */
+    if (!hs || !as || !ys || !g || !dBv || !dCv) goto done;
     const int64_t per_group = E / G;
     float *dD_acc = acc + N * E, *dbias_acc = acc + (N + 1) * E;
     for (int64_t b = b0; b < b1; ++b) {
@@ -254,11 +247,13 @@ int vlm_scan_bwd(const float *u, const float *delta, const float *A, const float
             }
         }
     }
+    status = 0;
+done:
     free(hs);
     free(as);
     free(ys);
     free(g);
     free(dBv);
     free(dCv);
-    return 0;
+    return status;
 }
