@@ -24,16 +24,37 @@ from vlm_mamba.layers.state import MixerState
 PAD_DELTA = -1.0e4
 
 
-def _prepare_mask(mask: Tensor | None, x: Tensor) -> Tensor | None:
-    """mask (b,l) -> bool, or None when every position is real (the unmasked fast path)."""
-    if mask is None:
-        return None
+def check_mask(mask: Tensor, x: Tensor) -> Tensor:
+    """mask (b,l), True/1 = real -> bool on x's device (shape checked; no host sync)."""
     if mask.shape != x.shape[:2]:
         raise ValueError(
             f"mask has shape {tuple(mask.shape)}, expected (batch, length) = {tuple(x.shape[:2])}"
         )
-    mask = mask.to(device=x.device, dtype=torch.bool)
-    return None if bool(mask.all()) else mask
+    return mask.to(device=x.device, dtype=torch.bool)
+
+
+def run_compacted(forward, x: Tensor, mask: Tensor, state, return_state: bool):
+    """A mixer's forward with padding anywhere as identity steps (``vlm_mamba.ops.padding``): the
+    real tokens of each row first, ``forward(x, lengths, state, return_state)`` on those compacted
+    rows, the outputs back in their places."""
+    order, inverse, lengths = ops.compact_by_mask(check_mask(mask, x))
+    out = forward(ops.gather_time(x, order), lengths, state, return_state)
+    if return_state:
+        return ops.gather_time(out[0], inverse), out[1]
+    return ops.gather_time(out, inverse)
+
+
+def reads_weight_only(layer: nn.Module) -> bool:
+    """Whether ``F.linear(x, layer.weight, layer.bias)`` is what ``layer(x)`` computes.
+
+    Fused kernels read the weight and multiply inside. That is exact for ``nn.Linear`` and for an
+    adapter whose ``.weight`` is its effective weight (``layers.lora.LoRALinear``), except while a
+    dropout inside it is active: dropout acts on the adapter's input, which a weight cannot express,
+    so such a layer must be called (issue 12, item 8: LoRA dropout on x_proj/dt_proj/out_proj).
+    """
+    if type(layer) is nn.Linear:
+        return True
+    return not any(isinstance(m, nn.Dropout) and m.training and m.p > 0 for m in layer.modules())
 
 
 def init_dt_bias(n: int, dt_min: float, dt_max: float, dt_init_floor: float, device=None) -> Tensor:
@@ -127,25 +148,57 @@ class MambaMixer(nn.Module):
         mask: Tensor | None = None,
         state: MixerState | None = None,
         return_state: bool = False,
+        lengths: Tensor | None = None,
     ):
-        """x (b,l,d) -> y (b,l,d) [, final MixerState]. mask (b,l): True = real, False = identity step."""
+        """x (b,l,d) -> y (b,l,d) [, final MixerState]. mask (b,l): True = real, False = identity step.
+
+        ``lengths`` (b,) instead of a mask: x is already compacted (``LanguageMamba`` does it once
+        for all layers), row i real before ``lengths[i]`` and padded after.
+        """
+        if mask is None:
+            return self._forward(x, lengths, state, return_state)
+        if lengths is not None:
+            raise ValueError("pass mask or lengths, not both")
+        return run_compacted(self._forward, x, mask, state, return_state)
+
+    def _fused_ok(self, x: Tensor) -> bool:
+        """mamba_inner_fn can serve this call: CUDA kernels, and weights that say what the layers do."""
+        return ops.fused_mamba_inner_available(self.kernel, x, self.d_conv) and all(
+            reads_weight_only(layer) for layer in (self.x_proj, self.dt_proj, self.out_proj)
+        )
+
+    def _xz(self, x: Tensor) -> Tensor:
+        """in_proj for mamba_inner_fn: x (b,l,d) -> xz (b,2e,l) with unit stride along l, computed as
+        mamba_ssm's ``Mamba.forward`` does (W @ x^T), so the kernel needs no ``.contiguous()`` copy."""
+        b, L, d = x.shape
+        if not reads_weight_only(self.in_proj):  # an adapter's dropout: its forward must run
+            return self.in_proj(x).transpose(1, 2)
+        xz = self.in_proj.weight @ x.reshape(b * L, d).t()  # (2e, b*l)
+        if self.in_proj.bias is not None:
+            xz = xz + self.in_proj.bias.to(xz.dtype)[:, None]
+        return xz.view(-1, b, L).transpose(0, 1)  # (b,2e,l)
+
+    def _delta(self, dt: Tensor) -> tuple[Tensor, Tensor | None]:
+        """dt (b,l,r) -> (delta (b,l,e) without the bias, the bias for the scan); an adapter with
+        active dropout is called instead, bias included (the scan then adds none)."""
+        if reads_weight_only(self.dt_proj):
+            return F.linear(dt, self.dt_proj.weight), self.dt_proj.bias.float()
+        return self.dt_proj(dt), None
+
+    def _forward(self, x: Tensor, lengths: Tensor | None, state: MixerState | None, return_state: bool):
+        """x (b,l,d), padded rows compacted (real before ``lengths``, None = all real)."""
         b, L, _ = x.shape
-        mask = _prepare_mask(mask, x)
+        if not return_state:  # trailing pads cannot reach a real position (causal): no masking
+            lengths = None
         A = -torch.exp(self.A_log.float())  # (e,n)
-        if mask is None and state is None and not return_state and ops.fused_mamba_inner_available(
-            self.kernel, x, self.d_conv
-        ):  # fmt: skip
+        if state is None and not return_state and self._fused_ok(x):
             # weights read through the attributes now, so a LoRA wrapper's merged .weight is used
-            xz = self.in_proj(x).transpose(1, 2)  # (b,2e,l)
             return ops.mamba_inner(
-                xz, self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
+                self._xz(x), self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,
                 self.out_proj.weight, self.out_proj.bias, A, self.D.float(), self.dt_proj.bias.float(),
             )  # fmt: skip
 
-        if mask is not None:  # real tokens first (see vlm_mamba.ops.padding)
-            order, inverse, lengths = ops.compact_by_mask(mask)
-            x = x.gather(1, ops.expand_index(order, x))
-            valid = torch.arange(L, device=x.device) < lengths[:, None]  # (b,l)
+        valid = None if lengths is None else torch.arange(L, device=x.device) < lengths[:, None]  # (b,l)
         xi, z = self.in_proj(x).chunk(2, dim=-1)  # (b,l,e) each
         conv_init = state.conv if state is not None else None
         if ops.kernel_family(self.kernel, x.device) == "cpu":
@@ -155,8 +208,8 @@ class MambaMixer(nn.Module):
                 xi, self.conv1d.weight[:, 0], self.conv1d.bias, initial_states=conv_init
             )  # (b,l,e)
             dt, B, C = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-            delta = F.linear(dt, self.dt_proj.weight)  # (b,l,e), bias added in the scan
-            if mask is not None:
+            delta, delta_bias = self._delta(dt)  # (b,l,e), bias added in the scan
+            if valid is not None:
                 delta = delta.masked_fill(~valid[..., None], PAD_DELTA)
             xc, delta = xc.transpose(1, 2), delta.transpose(1, 2)  # (b,e,l) views
         else:
@@ -167,24 +220,25 @@ class MambaMixer(nn.Module):
             dt, B, C = self.x_proj(xc.transpose(1, 2)).split(
                 [self.dt_rank, self.d_state, self.d_state], dim=-1
             )
-            delta = self.dt_proj.weight @ dt.transpose(1, 2)  # (e,r) @ (b,r,l) -> (b,e,l), bias added below
-            if mask is not None:  # dt = softplus(-1e4 + bias) = 0 exactly at pads: exp(0*A) = 1 and no
+            if reads_weight_only(self.dt_proj):  # (e,r) @ (b,r,l) -> (b,e,l), bias added in the scan
+                delta, delta_bias = self.dt_proj.weight @ dt.transpose(1, 2), self.dt_proj.bias.float()
+            else:
+                delta, delta_bias = self.dt_proj(dt).transpose(1, 2), None
+            if valid is not None:  # dt = softplus(-1e4 + bias) = 0 exactly at pads: exp(0*A) = 1 and no
                 # input, an identity step. Done before the scan so the scan keeps its fused bias + softplus.
                 delta = delta.masked_fill(~valid[:, None], PAD_DELTA)
         xi, z = xi.transpose(1, 2), z.transpose(1, 2)  # (b,e,l) views
         y = ops.selective_scan(
-            xc, delta, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z, self.dt_proj.bias.float(), True,
+            xc, delta, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z, delta_bias, True,
             initial_state=state.ssm if state is not None else None, return_last_state=return_state,
             kernel=self.kernel,
         )  # fmt: skip
         if return_state:
             y, ssm = y
         out = self.out_proj(y.transpose(1, 2))  # (b,l,d)
-        if mask is not None:
-            out = out.gather(1, ops.expand_index(inverse, out))
         if not return_state:
             return out
-        lengths = lengths if mask is not None else torch.full((b,), L, device=x.device)
+        lengths = lengths if lengths is not None else torch.full((b,), L, device=x.device)
         return out, MixerState(ops.conv_window(xi, conv_init, lengths, self.d_conv), ssm)
 
     def step(self, x: Tensor, state: MixerState, mask: Tensor | None = None) -> tuple[Tensor, MixerState]:

@@ -12,11 +12,10 @@ width, ``g`` groups, ``n`` state size, ``k`` conv width, ``c`` conv channels = e
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vlm_mamba import ops
-from vlm_mamba.layers.mamba1 import _keep_masked, _prepare_mask, init_dt_bias
+from vlm_mamba.layers.mamba1 import PAD_DELTA, _keep_masked, init_dt_bias, reads_weight_only, run_compacted
 from vlm_mamba.layers.norm import RMSNormGated
 from vlm_mamba.layers.state import MixerState
 
@@ -86,6 +85,7 @@ class Mamba2Mixer(nn.Module):
             eps=norm_eps,
             group_size=self.d_inner // ngroups,
             norm_before_gate=norm_before_gate,
+            kernel=kernel,
             **fk,
         )
         self.out_proj = nn.Linear(self.d_inner, d_model, bias=bias, **fk)
@@ -119,41 +119,58 @@ class Mamba2Mixer(nn.Module):
         mask: Tensor | None = None,
         state: MixerState | None = None,
         return_state: bool = False,
+        lengths: Tensor | None = None,
     ):
-        """x (b,l,d) -> y (b,l,d) [, final MixerState]. mask (b,l): True = real, False = identity step."""
+        """x (b,l,d) -> y (b,l,d) [, final MixerState]. mask (b,l): True = real, False = identity step.
+
+        ``lengths`` (b,) instead of a mask: x is already compacted, as in ``MambaMixer.forward``.
+        """
+        if mask is None:
+            return self._forward(x, lengths, state, return_state)
+        if lengths is not None:
+            raise ValueError("pass mask or lengths, not both")
+        return run_compacted(self._forward, x, mask, state, return_state)
+
+    def _fused_ok(self, x: Tensor) -> bool:
+        """mamba_split_conv1d_scan_combined can serve this call (it reads out_proj's and the norm's weight)."""
+        return ops.fused_mamba2_available(self.kernel, x, self.d_conv) and reads_weight_only(self.out_proj)
+
+    def _forward(self, x: Tensor, lengths: Tensor | None, state: MixerState | None, return_state: bool):
+        """x (b,l,d), padded rows compacted (real before ``lengths``, None = all real)."""
         b, L, _ = x.shape
         h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
-        mask = _prepare_mask(mask, x)
-        if mask is not None:  # real tokens first (see vlm_mamba.ops.padding)
-            order, inverse, lengths = ops.compact_by_mask(mask)
-            x = x.gather(1, ops.expand_index(order, x))
-            valid = torch.arange(L, device=x.device) < lengths[:, None]  # (b,l)
-        z, xBC, dt = self._split(self.in_proj(x))  # (b,l,e) (b,l,c) (b,l,h)
+        if not return_state:  # trailing pads cannot reach a real position (causal): no masking
+            lengths = None
+        A = -torch.exp(self.A_log.float())  # (h,)
+        zxbcdt = self.in_proj(x)  # (b,l,e+c+h): z (e), xBC (c), dt (h)
+        if state is None and not return_state and self._fused_ok(x):
+            return ops.mamba_split_conv1d_scan(
+                zxbcdt, self.conv1d.weight[:, 0], self.conv1d.bias, self.dt_bias, A, self.D, self.chunk_size,
+                self.norm.weight, self.norm.eps, self.out_proj.weight, self.out_proj.bias, p, g,
+                self.norm.norm_before_gate,
+            )  # fmt: skip
+        z, xBC, dt = self._split(zxbcdt)  # (b,l,e) (b,l,c) (b,l,h)
         xBC_in = xBC.transpose(1, 2)  # (b,c,l)
         conv_init = state.conv if state is not None else None
         xBC = ops.causal_conv1d(
             xBC_in, self.conv1d.weight[:, 0], self.conv1d.bias, initial_states=conv_init, kernel=self.kernel
         ).transpose(1, 2)  # (b,l,c)
         xs, B, C = xBC.split([self.d_inner, g * n, g * n], dim=-1)
-        A = -torch.exp(self.A_log.float())  # (h,)
-        if mask is None:
-            dt_bias, softplus = self.dt_bias, True
-        else:  # dt = 0 at pads: an identity step
-            dt = (F.softplus(dt.float() + self.dt_bias.float()) * valid[..., None]).to(dt.dtype)
-            dt_bias, softplus = None, False
+        if lengths is not None:  # softplus(-1e4 + dt_bias) = 0 at the trailing pads: identity steps,
+            # with the bias and softplus left to the scan and dt kept in its dtype
+            valid = torch.arange(L, device=x.device) < lengths[:, None]  # (b,l)
+            dt = dt.masked_fill(~valid[..., None], PAD_DELTA)
         y = ops.ssd_chunk_scan(
             xs.reshape(b, L, h, p), dt, A, B.reshape(b, L, g, n), C.reshape(b, L, g, n), self.chunk_size,
             D=self.D, z=None, initial_states=state.ssm if state is not None else None,
-            return_final_states=return_state, dt_bias=dt_bias, dt_softplus=softplus, kernel=self.kernel,
+            return_final_states=return_state, dt_bias=self.dt_bias, dt_softplus=True, kernel=self.kernel,
         )  # fmt: skip
         if return_state:
             y, ssm = y
         out = self.out_proj(self.norm(y.reshape(b, L, self.d_inner), z))  # (b,l,d)
-        if mask is not None:
-            out = out.gather(1, ops.expand_index(inverse, out))
         if not return_state:
             return out
-        lengths = lengths if mask is not None else torch.full((b,), L, device=x.device)
+        lengths = lengths if lengths is not None else torch.full((b,), L, device=x.device)
         return out, MixerState(ops.conv_window(xBC_in, conv_init, lengths, self.d_conv), ssm.float())
 
     def step(self, x: Tensor, state: MixerState, mask: Tensor | None = None) -> tuple[Tensor, MixerState]:

@@ -2,14 +2,18 @@
 
 Both compute in fp32 and return the input's dtype (mamba_ssm's ``RMSNorm`` / ``RMSNormGated`` and
 transformers' ``MambaRMSNorm`` / ``MambaRMSNormGated`` do the same), so bf16 activations keep a
-stable statistic.
+stable statistic. The math is ``vlm_mamba.ops``' (``reference.rms_norm_ref``; the gated norm goes
+through ``ops.rms_norm_gated``, mamba_ssm's triton kernel on CUDA). A block's norm is fused with its
+residual add by ``Block`` (``ops.add_rms_norm``), which reads ``weight`` and ``eps`` from here.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
+
+from vlm_mamba import ops
+from vlm_mamba.ops.reference import rms_norm_ref
 
 
 class RMSNorm(nn.Module):
@@ -21,9 +25,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(d, device=device, dtype=dtype))
 
     def forward(self, x: Tensor) -> Tensor:
-        xf = x.float()
-        y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        return rms_norm_ref(x, self.weight, self.eps)
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}"
@@ -38,10 +40,10 @@ class RMSNormGated(nn.Module):
 
     def __init__(
         self, d: int, eps: float = 1e-5, group_size: int | None = None, norm_before_gate: bool = False,
-        device=None, dtype=None,
+        kernel: str = "auto", device=None, dtype=None,
     ):  # fmt: skip
         super().__init__()
-        self.eps = eps
+        self.eps, self.kernel = eps, kernel
         self.group_size = group_size or d
         if d % self.group_size:
             raise ValueError(f"RMSNormGated: group_size={self.group_size} must divide d={d}")
@@ -49,14 +51,10 @@ class RMSNormGated(nn.Module):
         self.weight = nn.Parameter(torch.ones(d, device=device, dtype=dtype))
 
     def forward(self, x: Tensor, z: Tensor | None = None) -> Tensor:
-        xf = x.float()
-        if z is not None and not self.norm_before_gate:
-            xf = xf * F.silu(z.float())
-        xg = xf.unflatten(-1, (-1, self.group_size))  # (..., groups, group_size)
-        y = (xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + self.eps)).flatten(-2) * self.weight.float()
-        if z is not None and self.norm_before_gate:
-            y = y * F.silu(z.float())
-        return y.to(x.dtype)
+        """x, z (..., d) -> (..., d) in x's dtype."""
+        return ops.rms_norm_gated(
+            x, self.weight, z, self.eps, self.group_size, self.norm_before_gate, kernel=self.kernel
+        )
 
     def extra_repr(self) -> str:
         return (

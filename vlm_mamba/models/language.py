@@ -6,6 +6,14 @@ prefix), so ``from_pretrained`` loads its checkpoints and transformers' ``MambaF
 embeddings before the text; ``state`` / ``return_state`` / ``step`` give prefill and recurrent
 decoding; ``attention_mask`` makes padded positions identity steps.
 
+Padding costs one permutation per forward, not one per layer: the real tokens of each row are moved
+to the front before the first block and put back after the last (``vlm_mamba.ops.padding``). The
+pads then trail every row, where they reach no real position, so without a returned state every
+layer runs the unmasked fused kernels, whatever the padding was (right, left, a fuyu canvas); with
+a returned state (prefill) the layers make the trailing pads identity steps (dt = 0) so the state
+stops at each row's last real token. Nothing in the forward reads a value back to the host: the
+permutation is computed on the device, and a mask with no pads gets the identity.
+
 Shapes: ``b`` batch, ``l`` length, ``d`` model width, ``V`` vocabulary (padded: ``Vp``).
 """
 
@@ -22,10 +30,11 @@ import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from vlm_mamba import ops
 from vlm_mamba.config import LanguageConfig
 from vlm_mamba.layers import Block, InferenceState, Mamba2Mixer, MambaMixer, RMSNorm
 
-INIT_STD = 0.02  # embedding init std (mamba_ssm's initializer_range)
+INIT_STD = 0.02  # embedding init std when the config names none (mamba_ssm's initializer_range)
 
 
 @dataclass
@@ -38,11 +47,21 @@ class LMOutput:
 
 
 class LanguageMamba(nn.Module):
-    """Mamba-1 or Mamba-2 language model (``cfg.ssm``), head tied to the embedding by default."""
+    """Mamba-1 or Mamba-2 language model (``cfg.ssm``), head tied to the embedding by default.
 
-    def __init__(self, cfg: LanguageConfig, device=None, dtype=None):
+    ``initializer_range``: the embedding's init std; default ``cfg.initializer_range`` where the
+    config has that field, else 0.02 (mamba_ssm's and transformers' default).
+    """
+
+    def __init__(self, cfg: LanguageConfig, device=None, dtype=None, initializer_range: float | None = None):
         super().__init__()
         self.config = cfg
+        self.kernel = cfg.kernel  # the final add + norm's family (the blocks follow their mixers)
+        if initializer_range is None:
+            initializer_range = getattr(cfg, "initializer_range", None) or INIT_STD
+        if not initializer_range > 0:
+            raise ValueError(f"initializer_range={initializer_range} must be positive")
+        self.initializer_range = float(initializer_range)
         fk = {"device": device, "dtype": dtype}
         mixer_cls = {"mamba1": MambaMixer, "mamba2": Mamba2Mixer}[cfg.ssm]
         norm_cls = partial(RMSNorm, eps=cfg.norm_eps, **fk)
@@ -59,12 +78,13 @@ class LanguageMamba(nn.Module):
 
     @torch.no_grad()
     def _init_weights(self) -> None:
-        """mamba_ssm ``_init_weights``: zero linear biases (not dt_proj's), N(0, 0.02) embedding, and
-        out_proj rescaled by 1/sqrt(n_layers) (GPT-2's scaled init of residual-stream writes)."""
+        """mamba_ssm ``_init_weights``: zero linear biases (not dt_proj's), N(0, initializer_range)
+        embedding, and out_proj rescaled by 1/sqrt(n_layers) (GPT-2's scaled init of residual-stream
+        writes)."""
         for m in self.modules():
             if isinstance(m, nn.Linear) and m.bias is not None and not getattr(m.bias, "_no_reinit", False):
                 nn.init.zeros_(m.bias)
-        nn.init.normal_(self.embedding.weight, std=INIT_STD)
+        nn.init.normal_(self.embedding.weight, std=self.initializer_range)
         for layer in self.layers:
             w = layer.mixer.out_proj.weight
             nn.init.kaiming_uniform_(w, a=math.sqrt(5))
@@ -110,27 +130,41 @@ class LanguageMamba(nn.Module):
         attention_mask (b,l), 1/True = real: a 0 position is an identity step for every layer (its
         logits are meaningless). ``state`` continues from a previous prefill or step.
         """
-        x = self._inputs(input_ids, inputs_embeds)  # (b,l,d)
-        mask = None
-        if attention_mask is not None:
-            mask = attention_mask.to(device=x.device, dtype=torch.bool)
-            mask = None if bool(mask.all()) else mask  # all real: the unmasked (fused) path
+        if logits not in ("all", "last", "none"):
+            raise ValueError(f"logits={logits!r}: expected 'all', 'last' or 'none'")
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if state is not None and len(state) != len(self.layers):
             raise ValueError(f"state has {len(state)} layers, the model {len(self.layers)}")
+        src = input_ids if input_ids is not None else inputs_embeds  # (b,l) or (b,l,d)
+        inverse = lengths = None
+        if attention_mask is not None:  # real tokens first, once for all layers (see the top)
+            if attention_mask.shape != src.shape[:2]:
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)}, expected {tuple(src.shape[:2])}"
+                )
+            order, inverse, lengths = ops.compact_by_mask(attention_mask.to(src.device, torch.bool))
+            src = ops.gather_time(src, order)  # pads trailing
+        x = self.embedding(src) if input_ids is not None else src  # (b,l,d)
         ckpt = self.config.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        new_states = []
+        hidden, residual, new_states = x, None, []
         for i, layer in enumerate(self.layers):
             st = state[i] if state is not None else None
             if return_state:
-                x, s = layer(x, mask=mask, state=st, return_state=True)
+                hidden, residual, s = layer.forward_carry(hidden, residual, lengths, st, return_state=True)
                 new_states.append(s)
             elif ckpt:
-                x = checkpoint(layer, x, mask, st, use_reentrant=False)
+                hidden, residual = checkpoint(
+                    layer.forward_carry, hidden, residual, None, st, use_reentrant=False
+                )
             else:
-                x = layer(x, mask=mask, state=st)
-        h = self.norm_f(x.to(self.norm_f.weight.dtype))  # (b,l,d)
-        if logits not in ("all", "last", "none"):
-            raise ValueError(f"logits={logits!r}: expected 'all', 'last' or 'none'")
+                hidden, residual = layer.forward_carry(hidden, residual, state=st)
+        h = ops.add_rms_norm(
+            hidden, residual, self.norm_f.weight, self.norm_f.eps, self.config.residual_in_fp32,
+            prenorm=False, kernel=self.kernel,
+        )  # (b,l,d)  # fmt: skip
+        if inverse is not None:
+            h = ops.gather_time(h, inverse)  # back to the input's positions
         out = self._logits(h) if logits == "all" else self._logits(h[:, -1:]) if logits == "last" else None
         return LMOutput(out, InferenceState(new_states) if return_state else None, h)
 

@@ -3,8 +3,9 @@
 Four families, each with the same function signatures (mamba_ssm's names and layouts):
 
 - ``cuda``: mamba_ssm ``selective_scan_fn`` / ``mamba_inner_fn`` / ``mamba_chunk_scan_combined`` /
-  ``selective_state_update`` and causal_conv1d ``causal_conv1d_fn`` / ``causal_conv1d_update``
-  (``vlm_mamba.ops.cuda``);
+  ``mamba_split_conv1d_scan_combined`` / ``selective_state_update``, its triton norms
+  (``rms_norm_fn`` with the residual add fused, the gated ``rmsnorm_fn``) and causal_conv1d
+  ``causal_conv1d_fn`` / ``causal_conv1d_update`` (``vlm_mamba.ops.cuda``);
 - ``cpu``: the Mamba-1 selective scan as a C kernel fused over time, compiled on first use with the
   system C compiler (``vlm_mamba.ops.cpu_kernels``); every other op is the ``torch`` one;
 - ``torch``: pure PyTorch with autograd, the fastest form measured on a 2-core CPU per length
@@ -32,7 +33,7 @@ from torch import Tensor
 
 from vlm_mamba.ops import reference as _ref
 from vlm_mamba.ops import torch_ops as _torch
-from vlm_mamba.ops.padding import compact_by_mask, conv_window, expand_index
+from vlm_mamba.ops.padding import compact_by_mask, conv_window, expand_index, gather_time
 from vlm_mamba.ops.torch_ops import causal_conv1d_channels_last
 
 __all__ = [
@@ -48,9 +49,14 @@ __all__ = [
     "selective_state_update",
     "mamba_inner",
     "fused_mamba_inner_available",
+    "mamba_split_conv1d_scan",
+    "fused_mamba2_available",
+    "add_rms_norm",
+    "rms_norm_gated",
     "compact_by_mask",
     "conv_window",
     "expand_index",
+    "gather_time",
 ]
 
 logger = logging.getLogger("vlm_mamba.ops")
@@ -287,3 +293,72 @@ def mamba_inner(
         xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias,
         A, D, delta_bias,
     )  # fmt: skip
+
+
+def fused_mamba2_available(kernel: str | None, x: Tensor, d_conv: int) -> bool:
+    """Whether ``mamba_split_conv1d_scan`` (fused Mamba-2 conv+scan+norm+out_proj) can run for ``x``."""
+    return kernel_family(kernel, x.device) == "cuda" and d_conv in _CONV_WIDTHS
+
+
+def mamba_split_conv1d_scan(
+    zxbcdt: Tensor,
+    conv1d_weight: Tensor,
+    conv1d_bias: Tensor | None,
+    dt_bias: Tensor,
+    A: Tensor,
+    D: Tensor,
+    chunk_size: int,
+    rmsnorm_weight: Tensor,
+    rmsnorm_eps: float,
+    outproj_weight: Tensor,
+    outproj_bias: Tensor | None,
+    headdim: int,
+    ngroups: int,
+    norm_before_gate: bool,
+) -> Tensor:
+    """mamba_ssm ``mamba_split_conv1d_scan_combined``: zxbcdt (b,l,2e+2gn+h) -> out (b,l,d). CUDA only
+    (check ``fused_mamba2_available`` first); no state in or out. Its backward recomputes the conv
+    and the scan from zxbcdt, which is all it keeps (mamba_ssm ``Mamba2``'s memory-efficient path)."""
+    from vlm_mamba.ops import cuda as _cuda
+
+    return _cuda.mamba_split_conv1d_scan(
+        zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, rmsnorm_weight, rmsnorm_eps,
+        outproj_weight, outproj_bias, headdim, ngroups, norm_before_gate,
+    )  # fmt: skip
+
+
+def add_rms_norm(
+    x: Tensor,
+    residual: Tensor | None,
+    weight: Tensor,
+    eps: float,
+    residual_in_fp32: bool = False,
+    prenorm: bool = True,
+    *,
+    kernel: str | None = "auto",
+):
+    """residual <- x + residual; out = RMSNorm(residual): mamba_ssm ``rms_norm_fn`` with the residual.
+
+    Args: x (..., d) (a block's mixer output; the embedding for the first block), residual like x or
+    None; weight (d,). Returns (out, residual) with ``prenorm`` (the residual fp32 with
+    ``residual_in_fp32``), else out. The kernel writes out in x's dtype; the twin
+    (``reference.add_rms_norm_ref``, the unfused form of mamba_ssm's ``Block``) in weight's dtype.
+    """
+    fn = _impl("add_rms_norm", kernel, x)
+    return fn(x, residual, weight, eps, residual_in_fp32, prenorm)
+
+
+def rms_norm_gated(
+    x: Tensor,
+    weight: Tensor,
+    z: Tensor | None = None,
+    eps: float = 1e-5,
+    group_size: int | None = None,
+    norm_before_gate: bool = False,
+    *,
+    kernel: str | None = "auto",
+) -> Tensor:
+    """Mamba-2's gated, grouped RMSNorm, mamba_ssm ``layernorm_gated.rmsnorm_fn``: x, z (..., e) ->
+    (..., e) in x's dtype (see ``reference.rms_norm_gated_ref``)."""
+    fn = _impl("rms_norm_gated", kernel, x)
+    return fn(x, weight, z, eps, group_size, norm_before_gate)

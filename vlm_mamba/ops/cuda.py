@@ -33,8 +33,13 @@ def load() -> SimpleNamespace:
         raise RuntimeError("torch.cuda.is_available() is False (no GPU or a CPU-only torch build)")
     from causal_conv1d import causal_conv1d_fn, causal_conv1d_update
     from mamba_ssm.ops.selective_scan_interface import mamba_inner_fn, selective_scan_fn
+    from mamba_ssm.ops.triton.layer_norm import rms_norm_fn
+    from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn as rms_norm_gated_fn
     from mamba_ssm.ops.triton.selective_state_update import selective_state_update
-    from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined
+    from mamba_ssm.ops.triton.ssd_combined import (
+        mamba_chunk_scan_combined,
+        mamba_split_conv1d_scan_combined,
+    )
 
     return SimpleNamespace(
         causal_conv1d_fn=causal_conv1d_fn,
@@ -43,6 +48,9 @@ def load() -> SimpleNamespace:
         selective_scan_fn=selective_scan_fn,
         selective_state_update=selective_state_update,
         mamba_chunk_scan_combined=mamba_chunk_scan_combined,
+        mamba_split_conv1d_scan_combined=mamba_split_conv1d_scan_combined,
+        rms_norm_fn=rms_norm_fn,
+        rms_norm_gated_fn=rms_norm_gated_fn,
     )
 
 
@@ -120,3 +128,33 @@ def mamba_inner(xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight
         xz, conv1d_weight, conv1d_bias, x_proj_weight, delta_proj_weight, out_proj_weight, out_proj_bias,
         A, None, None, D, delta_bias=delta_bias, delta_softplus=True,
     )  # fmt: skip
+
+
+def mamba_split_conv1d_scan(
+    zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, rmsnorm_weight, rmsnorm_eps,
+    outproj_weight, outproj_bias, headdim, ngroups, norm_before_gate,
+):  # fmt: skip
+    """mamba_ssm ``mamba_split_conv1d_scan_combined`` (Mamba-2: split, conv, SSD, gated norm, out_proj)."""
+    return load().mamba_split_conv1d_scan_combined(
+        zxbcdt, conv1d_weight, conv1d_bias, dt_bias, A, D, chunk_size, activation="silu",
+        rmsnorm_weight=rmsnorm_weight, rmsnorm_eps=rmsnorm_eps, outproj_weight=outproj_weight,
+        outproj_bias=outproj_bias, headdim=headdim, ngroups=ngroups, norm_before_gate=norm_before_gate,
+    )  # fmt: skip
+
+
+def add_rms_norm(x, residual, weight, eps, residual_in_fp32=False, prenorm=True):
+    """mamba_ssm triton ``rms_norm_fn`` with the residual carried, as its ``Block`` calls it.
+
+    One pass reads x and the residual and writes the normed output (in x's dtype) and the new
+    residual (fp32 with ``residual_in_fp32``; x itself, no copy, when there is nothing to add or cast).
+    """
+    return load().rms_norm_fn(
+        x, weight, None, residual=residual, eps=eps, prenorm=prenorm, residual_in_fp32=residual_in_fp32
+    )
+
+
+def rms_norm_gated(x, weight, z=None, eps=1e-5, group_size=None, norm_before_gate=False):
+    """mamba_ssm triton ``layernorm_gated.rmsnorm_fn`` (Mamba-2's gated, grouped RMSNorm)."""
+    return load().rms_norm_gated_fn(
+        x, weight, None, z=z, eps=eps, group_size=group_size, norm_before_gate=norm_before_gate
+    )

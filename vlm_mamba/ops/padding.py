@@ -1,12 +1,17 @@
 """Padding as an identity step: move each row's real tokens to the front, keep their order.
 
 A padded position must change neither the state nor any real output, wherever it falls (left
-padding, pads between a cached prefix and a prompt, a fuyu canvas). The mixers do it by a stable
-per-row permutation that puts the real tokens first. On the compacted, right-padded sequence a
-causal conv sees only real tokens before each real one, and a scan with dt = 0 at the trailing pads
-keeps its state (exp(0 * A) = 1, input 0), so the final SSM state is the one after the last real
-token; the final conv window is read at each row's real length. Outputs go back through the inverse
-permutation.
+padding, pads between a cached prefix and a prompt, a fuyu canvas). A stable per-row permutation
+puts the real tokens first; ``LanguageMamba`` applies it once per forward, before the first layer,
+and its inverse once after the last (every layer in between is per position or causal, so the
+permutation commutes with the norms and residual adds), and a mixer called with a mask does the same
+around itself. Computed on the device, with no host sync: a batch with no pads gets the identity.
+
+Pads that trail the real tokens cannot change any real position's output (the conv and the scan are
+causal), so without a returned state the compacted rows run the unmasked (fused) kernels as they
+are. Only a returned state must stop at each row's last real token: there the scan gets dt = 0 at
+the trailing pads, which keeps its state (exp(0 * A) = 1, input 0), so the final SSM state is the
+one after the last real token, and the final conv window is read at each row's real length.
 
 Shapes: ``b`` batch, ``l`` length, ``e`` channels, ``k`` conv width.
 """
@@ -26,8 +31,14 @@ def compact_by_mask(mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     if mask.dim() != 2:
         raise ValueError(f"mask must be (batch, length), got shape {tuple(mask.shape)}")
     order = torch.argsort((~mask.bool()).to(torch.int8), dim=1, stable=True)  # (b,l)
-    inverse = torch.argsort(order, dim=1)
+    positions = torch.arange(mask.shape[1], device=mask.device).expand_as(order)
+    inverse = torch.empty_like(order).scatter_(1, order, positions)  # a permutation's inverse, no sort
     return order, inverse, mask.sum(dim=1)
+
+
+def gather_time(x: Tensor, idx: Tensor) -> Tensor:
+    """x (b,l,...) reordered along time by idx (b,l): out[i, t] = x[i, idx[i, t]]."""
+    return x.gather(1, expand_index(idx, x))
 
 
 def expand_index(idx: Tensor, x: Tensor) -> Tensor:

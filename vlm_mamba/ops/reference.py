@@ -195,3 +195,56 @@ def ssd_chunk_scan_ref(
         y = y * F.silu(z.float())
     y = y.to(x.dtype)
     return (y, s) if return_final_states else y
+
+
+# ------------------------------------------------------------------------------------------ norms
+def rms_norm_ref(x: Tensor, weight: Tensor, eps: float) -> Tensor:
+    """RMSNorm over the last dim (Zhang & Sennrich 2019) in fp32, returned in x's dtype."""
+    xf = x.float()
+    y = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return (y * weight.float()).to(x.dtype)
+
+
+def add_rms_norm_ref(
+    x: Tensor,
+    residual: Tensor | None,
+    weight: Tensor,
+    eps: float,
+    residual_in_fp32: bool = False,
+    prenorm: bool = True,
+):
+    """Residual add then RMSNorm: mamba_ssm ``Block``'s unfused path, twin of ``rms_norm_fn``.
+
+    residual <- x + residual (x alone when None); out = rmsnorm(residual in weight's dtype).
+    Args: x, residual (..., d); weight (d,). Returns (out, residual) with ``prenorm``, the residual
+    fp32 with ``residual_in_fp32``; else out alone.
+    """
+    res = x if residual is None else residual + x
+    out = rms_norm_ref(res.to(weight.dtype), weight, eps)
+    if residual_in_fp32:
+        res = res.float()
+    return (out, res) if prenorm else out
+
+
+def rms_norm_gated_ref(
+    x: Tensor,
+    weight: Tensor,
+    z: Tensor | None = None,
+    eps: float = 1e-5,
+    group_size: int | None = None,
+    norm_before_gate: bool = False,
+) -> Tensor:
+    """Mamba-2's gated, grouped RMSNorm in fp32 (mamba_ssm ``layernorm_gated.rms_norm_ref``).
+
+    ``norm_before_gate=False``: norm(x * silu(z)) * weight; True: norm(x) * weight * silu(z). Groups
+    of ``group_size`` channels (default: all) are normalised separately. Returns x's dtype.
+    """
+    xf = x.float()
+    group_size = group_size or x.shape[-1]
+    if z is not None and not norm_before_gate:
+        xf = xf * F.silu(z.float())
+    xg = xf.unflatten(-1, (-1, group_size))  # (..., groups, group_size)
+    y = (xg * torch.rsqrt(xg.pow(2).mean(-1, keepdim=True) + eps)).flatten(-2) * weight.float()
+    if z is not None and norm_before_gate:
+        y = y * F.silu(z.float())
+    return y.to(x.dtype)

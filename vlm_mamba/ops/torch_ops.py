@@ -21,7 +21,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vlm_mamba.ops.reference import _act, _dt, selective_state_update_ref
+from vlm_mamba.ops.reference import (
+    _act,
+    _dt,
+    add_rms_norm_ref,
+    rms_norm_gated_ref,
+    selective_state_update_ref,
+)
 
 # Lengths at or above which the chunked scans beat the time loop, forward+backward, measured on the
 # 2-core CPU (see benchmarks/bench_lm.py, section "scan"). Chunk lengths measured alongside.
@@ -101,6 +107,9 @@ def causal_conv1d_update_torch(
 
 
 selective_state_update_torch = selective_state_update_ref  # already one vectorised step
+# the norms are a handful of elementwise ops and one reduction: their plain form is the torch one
+add_rms_norm_torch = add_rms_norm_ref
+rms_norm_gated_torch = rms_norm_gated_ref
 
 
 # ---------------------------------------------------------------------------------- Mamba-1 scan
