@@ -197,3 +197,106 @@ def test_training_step_uses_the_configured_loss_reduction():
     assert not torch.allclose(losses["token"], losses["sample"])
     with pytest.raises(ValueError, match="module.loss_reduction"):
         VLMambaLitModule(get_config("tiny"), loss_reduction="batch")
+
+
+def _hf_language_dir(tmp_path):
+    """A small MambaForCausalLM saved by transformers, shaped like the tiny model's language tower."""
+    transformers = pytest.importorskip("transformers")
+    lang = get_config("tiny").language
+    torch.manual_seed(0)
+    hf = transformers.MambaForCausalLM(
+        transformers.MambaConfig(
+            vocab_size=lang.vocab_size,
+            hidden_size=lang.d_model,
+            num_hidden_layers=lang.n_layers,
+            state_size=lang.d_state,
+            conv_kernel=lang.d_conv,
+            expand=lang.expand,
+        )
+    )
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    path = tmp_path / "hf_mamba"
+    hf.save_pretrained(path)
+    return hf.eval(), path
+
+
+def test_lora_on_a_pretrained_language_model_wraps_the_pretrained_weights(tmp_path):
+    """module.pretrained_language with LoRA: the weights load into the plain modules, then the
+    adapters wrap them (this raised before: every base.weight / lora_A / lora_B counted as missing)."""
+    hf, path = _hf_language_dir(tmp_path)
+    cfg = get_config("tiny", lora={"rank": 4, "targets": ["in_proj", "out_proj", "x_proj", "dt_proj"]})
+    module = VLMambaLitModule(cfg, pretrained_language=str(path))
+    lang = module.model.language
+    assert module.model.has_lora
+    ids = torch.randint(3, 500, (2, 7))
+    with torch.no_grad():
+        ref = hf(ids).logits
+        torch.testing.assert_close(lang.eval()(ids).logits, ref, atol=1e-4, rtol=1e-4)  # lora_B = 0
+    mixer = lang.layers[0].mixer
+    torch.testing.assert_close(mixer.in_proj.base.weight, hf.backbone.layers[0].mixer.in_proj.weight)
+    trainable = {n for n, p in module.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or n.startswith("bridger.") for n in trainable)
+    with pytest.raises(ValueError, match="already injected"):
+        module.model.load_pretrained_language(path)
+
+
+def test_a_checkpoint_evaluates_without_the_pretrained_directory(tmp_path):
+    """The .ckpt loader (evaluate.py and export) reads weights_only and builds the model from the
+    checkpoint alone: the pretrained directory it was initialised from may be gone."""
+    import shutil
+
+    from vlm_mamba.evaluation import load_model
+
+    _, path = _hf_language_dir(tmp_path)
+    module = VLMambaLitModule(get_config("tiny", lora={"rank": 2}), pretrained_language=str(path))
+    trainer = _trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer.fit(module, train_dataloaders=_loader(2))
+    ckpt = tmp_path / "run.ckpt"
+    trainer.save_checkpoint(ckpt)
+    shutil.rmtree(path)
+    model, tok = load_model(ckpt)
+    batch = _batch(torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        ref = module.model.eval()(batch["images"], batch["input_ids"]).logits
+        torch.testing.assert_close(model(batch["images"], batch["input_ids"]).logits, ref, atol=0, rtol=0)
+    assert tok is None  # no datamodule gave one; the checkpoint says so instead of failing
+    torch.save({"state_dict": {}, "hyper_parameters": {"model": {}}, "evil": _Pickled()}, tmp_path / "x.ckpt")
+    with pytest.raises(ValueError, match="weights-only"):
+        load_model(tmp_path / "x.ckpt")
+
+
+class _Pickled:
+    """An object weights_only=True refuses to unpickle."""
+
+
+@pytest.mark.parametrize("clip", [None, 1.0])
+def test_nonfinite_gradients_skip_the_update_and_are_counted(tmp_path, clip):
+    """A finite loss with an inf gradient: that step changes no weight and no optimiser state,
+    training goes on, and the skip is counted."""
+    module = VLMambaLitModule(get_config("tiny"), lr=1e-3, warmup_steps=0)
+    target = module.model.bridger.fc1.weight
+    seen = {}
+
+    class Poison(L.Callback):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            if trainer.global_step == 2:
+                target.grad[0, 0] = float("inf")
+                seen["before"] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            if batch_idx == 2:
+                seen["after"] = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+                seen["adam_step"] = float(trainer.optimizers[0].state[target]["step"])
+
+    trainer = _trainer(
+        tmp_path, max_steps=5, callbacks=[Poison()], limit_val_batches=0, gradient_clip_val=clip
+    )
+    trainer.fit(module, train_dataloaders=_loader(5))
+    for k, v in seen["after"].items():
+        assert torch.equal(v, seen["before"][k]), k
+    assert seen["adam_step"] == 2.0  # steps 0 and 1 counted, the skipped one not
+    assert module.skipped_steps == 1 and module.nonfinite is None
+    assert trainer.global_step == 5  # training went on
+    assert all(torch.isfinite(p).all() for p in module.model.parameters())

@@ -344,3 +344,127 @@ def test_sample_loss_skips_rows_without_targets_and_rejects_unknown_reductions()
     torch.testing.assert_close(both, (alone[0] + alone[1]) / 2, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="loss_reduction='mean'"):
         model(images, ids, labels=labels, loss_reduction="mean")
+
+
+def _perturb(model: VLMamba, std: float = 0.05, seed: int = 1) -> VLMamba:
+    """Move every weight away from its init (at init several effects below are exactly zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * std)
+    return model
+
+
+def _fuyu_canvas(b: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """A canvas batch whose first image is smaller than the grid: its last slots are padding."""
+    canvas = torch.randn(b, 3, 32, 32)
+    canvas[0, :, 16:, :] = 0.0
+    canvas[0, :, :, 16:] = 0.0
+    return canvas, torch.tensor([[16, 16]] + [[32, 32]] * (b - 1))
+
+
+@pytest.mark.parametrize("order", ["image_first", "text_first"])
+@pytest.mark.parametrize("vision_mode", ["encoder", "fuyu"])
+def test_no_target_is_predicted_from_a_position_that_read_later_targets(vision_mode, order):
+    """Per-position cross-entropy at each target is unchanged when a later target token changes.
+
+    With fuyu + text_first the first target used to be predicted by the last canvas slot, a pad;
+    pads run after the real tokens, so that slot had read the targets (a label leak)."""
+    model = _perturb(_tiny(vision_mode=vision_mode, prompt_order=order))
+    images, sizes = _fuyu_canvas() if vision_mode == "fuyu" else (torch.randn(2, 3, 32, 32), None)
+    ids = torch.randint(3, 500, (2, 9))
+    labels = ids.clone()
+    labels[:, :4] = -100  # prompt: 4 tokens, then 5 targets
+    ce = model(images, ids, labels=labels, image_sizes=sizes, loss_reduction="none").loss  # (b, t)
+    assert ce.shape == ids.shape and (ce[:, 4:] > 0).all() and (ce[:, :4] == 0).all()
+    for k in range(4, 9):
+        later = ids.clone()
+        later[:, k:] = (later[:, k:] + 7) % 497 + 3  # targets k.. change, the labels stay as they were
+        ce2 = model(images, later, labels=labels, image_sizes=sizes, loss_reduction="none").loss
+        torch.testing.assert_close(ce2[:, : k + 1], ce[:, : k + 1], atol=1e-6, rtol=1e-6)
+
+
+def test_text_first_fuyu_generation_reads_the_last_real_image_token(monkeypatch):
+    """The first new token's logits come from the last real slot: a smaller image padded on a
+    canvas gives, per element, the logits of the same image alone on a canvas of its own size."""
+    import vlm_mamba.models.vlm as vlm_module
+
+    first = []
+    real_decode = vlm_module.decode
+    monkeypatch.setattr(
+        vlm_module,
+        "decode",
+        lambda f, st, logits, cfg: first.append(logits) or real_decode(f, st, logits, cfg),
+    )
+    model = _perturb(_tiny(vision_mode="fuyu", prompt_order="text_first"))
+    canvas, sizes = _fuyu_canvas()
+    ids = torch.randint(3, 500, (2, 5))
+    model.generate(canvas, ids, image_sizes=sizes, max_new_tokens=1)
+    model.generate(canvas[:1, :, :16, :16], ids[:1], image_sizes=sizes[:1], max_new_tokens=1)
+    torch.testing.assert_close(first[0][:1], first[1], atol=1e-5, rtol=1e-5)
+    canvas[0, :, 16:, :] = 3.0  # the padded area's pixels are no input either
+    model.generate(canvas, ids, image_sizes=sizes, max_new_tokens=1)
+    torch.testing.assert_close(first[2], first[0], atol=1e-6, rtol=1e-6)
+
+
+def _train_adapters(model: VLMamba, std: float = 0.5) -> VLMamba:
+    for m in model.modules():
+        if isinstance(m, LoRALinear):
+            torch.nn.init.normal_(m.lora_B, std=std)
+    return model
+
+
+@pytest.mark.parametrize("state", ["unmerged", "merged", "unloaded"])
+def test_lora_save_reload_gives_identical_logits(tmp_path, state):
+    """A trained adapter saved unmerged, merged or unloaded reloads to the same logits (merged
+    adapters used to be applied twice on reload), and a merged reload can still be unmerged."""
+    model = _train_adapters(_perturb(_tiny(lora={"rank": 4, "targets": ["in_proj", "out_proj", "x_proj"]})))
+    images, ids = torch.randn(2, 3, 32, 32), torch.randint(1, 500, (2, 7))
+    ref = model(images, ids).logits
+    if state != "unmerged":
+        model.merge_lora(unload=state == "unloaded")
+    torch.testing.assert_close(model(images, ids).logits, ref, atol=1e-5, rtol=1e-5)
+    model.save_pretrained(tmp_path / "m")
+    loaded = VLMamba.from_pretrained(tmp_path / "m").eval()
+    assert loaded.has_lora == (state != "unloaded")
+    torch.testing.assert_close(loaded(images, ids).logits, model(images, ids).logits, atol=0, rtol=0)
+    if state == "merged":
+        assert all(m.merged for m in loaded.modules() if isinstance(m, LoRALinear))
+        loaded.unmerge_lora()
+        torch.testing.assert_close(loaded(images, ids).logits, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_save_pretrained_refuses_a_directory_it_did_not_write(tmp_path):
+    model = _tiny()
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").write_bytes(b"precious")
+    (run / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="not a VLMamba.save_pretrained output"):
+        model.save_pretrained(run)
+    assert (run / "checkpoints" / "last.ckpt").read_bytes() == b"precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no temporary folder left behind
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="not a directory"):
+        model.save_pretrained(tmp_path / "file")
+
+
+def test_save_pretrained_replaces_its_own_output_and_keeps_it_when_writing_fails(tmp_path, monkeypatch):
+    first, second = _tiny(), _perturb(_tiny())
+    images, ids = torch.randn(1, 3, 32, 32), torch.randint(1, 500, (1, 5))
+    first.save_pretrained(tmp_path / "m")
+    import safetensors.torch
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(safetensors.torch, "save_model", boom)
+    with pytest.raises(OSError, match="disk full"):
+        second.save_pretrained(tmp_path / "m")
+    monkeypatch.undo()
+    kept = VLMamba.from_pretrained(tmp_path / "m").eval()
+    torch.testing.assert_close(kept(images, ids).logits, first(images, ids).logits, atol=0, rtol=0)
+    second.save_pretrained(tmp_path / "m")  # a rerun replaces the earlier output
+    new = VLMamba.from_pretrained(tmp_path / "m").eval()
+    torch.testing.assert_close(new(images, ids).logits, second(images, ids).logits, atol=0, rtol=0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]

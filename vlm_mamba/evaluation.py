@@ -39,6 +39,7 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """(VLMamba in eval mode, TextTokenizer or None) from a Lightning ``.ckpt`` or a
     ``VLMamba.save_pretrained`` directory."""
     from .data.tokenizer import TextTokenizer
+    from .models.hub import load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
     from .models.vlm import VLMamba
 
     path = Path(path)
@@ -50,10 +51,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
         raise FileNotFoundError(
             f"checkpoint {path} not found (give a .ckpt file or a save_pretrained directory)"
         )
-    from .lit_module import VLMambaLitModule
-
-    lit = VLMambaLitModule.load_from_checkpoint(str(path), map_location=device, weights_only=False)
-    return lit.model.eval(), lit.tokenizer
+    ckpt = load_checkpoint(path)  # weights_only=True; the run's own inputs are not needed
+    return model_from_checkpoint(ckpt).to(device).eval(), tokenizer_from_checkpoint(ckpt)
 
 
 def resolve_device(name: str = "auto") -> torch.device:

@@ -15,41 +15,13 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
-import torch
-
-from .config import VLMambaConfig
-from .models.vlm import TOKENIZER_NAME, VLMamba
+from .models.hub import load_checkpoint, model_from_checkpoint
+from .models.vlm import TOKENIZER_CONFIG_NAME, TOKENIZER_NAME
 
 log = logging.getLogger(__name__)
 
-_PREFIX = "model."  # VLMambaLitModule keeps the network at self.model
-
-
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """``torch.load(weights_only=True)`` with errors that say what the file is not."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} not found")
-    ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ValueError(f"{path}: not a Lightning checkpoint (no 'state_dict')")
-    hp = ckpt.get("hyper_parameters") or {}
-    if "model" not in hp:
-        raise ValueError(f"{path}: no hyper_parameters['model']: not written by VLMambaLitModule")
-    return ckpt
-
-
-def model_from_checkpoint(ckpt: dict[str, Any] | str | Path) -> VLMamba:
-    """The :class:`VLMamba` of a VLMambaLitModule checkpoint (weights loaded strictly)."""
-    if not isinstance(ckpt, dict):
-        ckpt = load_checkpoint(ckpt)
-    config = VLMambaConfig.model_validate(ckpt["hyper_parameters"]["model"])
-    model = VLMamba(config)
-    state = {k[len(_PREFIX) :]: v for k, v in ckpt["state_dict"].items() if k.startswith(_PREFIX)}
-    model.load_state_dict(state, strict=True)
-    return model.eval()
+__all__ = ["export", "load_checkpoint", "main", "model_from_checkpoint"]
 
 
 def export(
@@ -64,26 +36,27 @@ def export(
         merge_lora: fold LoRA adapters into the base weights and drop them (a plain model).
     """
     ckpt = load_checkpoint(ckpt_path)
+    out = Path(out_dir)
+    if Path(ckpt_path).resolve().is_relative_to(out.resolve()):
+        raise ValueError(f"{out} holds the checkpoint being exported ({ckpt_path}): choose another directory")
     model = model_from_checkpoint(ckpt)
     if merge_lora and model.has_lora:
         model.merge_lora(unload=True)
-    out = Path(out_dir)
-    tok: Any = None
+    tok, extra = None, {}
     if tokenizer is not None:
         tok = Path(tokenizer)
         tok = tok / TOKENIZER_NAME if tok.is_dir() else tok
         if not tok.is_file():
             raise FileNotFoundError(f"--tokenizer {tokenizer}: no tokenizer.json there")
-    model.save_pretrained(out, tokenizer=tok)
-    if tok is None:
-        if ckpt.get("tokenizer_json"):
-            (out / TOKENIZER_NAME).write_text(ckpt["tokenizer_json"])
-            if ckpt.get("tokenizer_specials"):
-                (out / "tokenizer_config.json").write_text(json.dumps(ckpt["tokenizer_specials"], indent=1))
-        else:
-            log.warning(
-                "%s holds no tokenizer and none was given: %s has weights and config only", ckpt_path, out
-            )
+    elif ckpt.get("tokenizer_json"):
+        extra[TOKENIZER_NAME] = ckpt["tokenizer_json"]
+        if ckpt.get("tokenizer_specials"):
+            extra[TOKENIZER_CONFIG_NAME] = json.dumps(ckpt["tokenizer_specials"], indent=1)
+    else:
+        log.warning(
+            "%s holds no tokenizer and none was given: %s has weights and config only", ckpt_path, out
+        )
+    model.save_pretrained(out, tokenizer=tok, extra_files=extra)
     return out
 
 
@@ -99,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
         out = export(args.ckpt, args.out_dir, tokenizer=args.tokenizer, merge_lora=args.merge_lora)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"exported {args.ckpt} -> {out}")

@@ -20,7 +20,10 @@ What this module adds to the network (lightning-hydra-template's split, STYLE.md
   ``val/vqa_acc`` for VQA), so ModelCheckpoint and sweeps can monitor them, plus a few sample
   predictions for the logger;
 - a non-finite loss skips the update, saves ``nonfinite-step=N.ckpt`` and stops the run
-  (:attr:`nonfinite`, read by :func:`vlm_mamba.training.train` to fail with a message).
+  (:attr:`nonfinite`, read by :func:`vlm_mamba.training.train` to fail with a message);
+- non-finite gradients (a finite loss, an inf/NaN gradient under bf16) skip that update on every
+  rank without a host sync, counted in ``train/skipped_steps`` and warned about at the logging
+  interval (:meth:`configure_gradient_clipping`).
 """
 
 from __future__ import annotations
@@ -203,32 +206,19 @@ class VLMambaLitModule(L.LightningModule):
             }
         )
         self.config = config
-        self.model = VLMamba(config)
+        # pretrained weights go into the plain modules, then LoRA wraps them (VLMamba's constructor)
+        self.model = VLMamba(config, pretrained_language=pretrained_language or None)
         if pretrained_language:
-            self._load_pretrained_language(pretrained_language)
+            log.info("language model initialised from %s", pretrained_language)
         self.tokenizer_json = tokenizer_json
         self.tokenizer_specials: dict[str, str] | None = None
         self._tokenizer = None
         self.nonfinite: dict[str, Any] | None = None  # set when a non-finite loss stopped training
+        self._skipped_steps = torch.zeros(())  # updates skipped for non-finite gradients (a device tensor)
+        self._skipped_reported = 0
         self.flops_per_batch: int | None = None  # read by ThroughputMonitor (None: not measured)
 
     # ------------------------------------------------------------------ set-up
-    def _load_pretrained_language(self, path: str) -> None:
-        """Copy a local pretrained Mamba LM into ``self.model.language`` (shapes must match the config)."""
-        from .models.language import LanguageMamba
-
-        src = LanguageMamba.from_pretrained(path)
-        theirs, ours = src.state_dict(), self.model.language.state_dict()
-        bad = [k for k in ours if k in theirs and theirs[k].shape != ours[k].shape]
-        missing = [k for k in ours if k not in theirs]
-        if bad or missing:
-            raise ValueError(
-                f"module.pretrained_language={path}: does not fit model.language "
-                f"(shape mismatch: {bad[:5]}, missing: {missing[:5]}); set model.language to its config"
-            )
-        self.model.language.load_state_dict(theirs, strict=False)
-        log.info("language model initialised from %s", path)
-
     @property
     def tokenizer(self):
         """The data's ``TextTokenizer`` (from the datamodule, else rebuilt from the checkpoint); or None."""
@@ -238,29 +228,52 @@ class VLMambaLitModule(L.LightningModule):
             if tok is not None:
                 self._tokenizer = tok
             elif self.tokenizer_json:
-                from tokenizers import Tokenizer
-
                 from .data.tokenizer import TextTokenizer
 
-                specials = self.tokenizer_specials or {}
-                self._tokenizer = TextTokenizer(
-                    Tokenizer.from_str(self.tokenizer_json),
-                    bos_token=specials.get("bos_token", "<|bos|>"),
-                    eos_token=specials.get("eos_token", "<|eos|>"),
-                    pad_token=specials.get("pad_token"),
-                )
+                self._tokenizer = TextTokenizer.from_json(self.tokenizer_json, self.tokenizer_specials)
         return self._tokenizer
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-        """Norm clipping under FSDP through FSDP's own ``clip_grad_norm_`` (the norm over all shards);
-        Lightning's FSDP precision plugin refuses ``gradient_clip_algorithm='norm'``."""
+        """Clip (if configured), then skip the update when the gradients are not finite.
+
+        The total gradient norm is what norm clipping computes anyway (computed alone when no norm
+        clipping is set); a non-finite norm becomes the fused AdamW's ``found_inf`` flag, a device
+        tensor the kernel reads itself (GradScaler's mechanism), so the check costs no host sync.
+        The skip is decided on the global norm, hence the same on every rank; the skipped steps
+        are counted (``train/skipped_steps``) and reported every ``log_every_n_steps``.
+        Under FSDP1 the norm comes from FSDP's own ``clip_grad_norm_`` (over all shards): Lightning's
+        FSDP precision plugin refuses ``gradient_clip_algorithm='norm'``."""
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-        wrapped = getattr(self.trainer.strategy, "model", None)
-        if gradient_clip_val and isinstance(wrapped, FSDP) and gradient_clip_algorithm in (None, "norm"):
-            wrapped.clip_grad_norm_(float(gradient_clip_val))
+        params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if not params:
             return
-        super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        by_norm = gradient_clip_val and gradient_clip_algorithm in (None, "norm")
+        wrapped = getattr(self.trainer.strategy, "model", None)
+        if by_norm and isinstance(wrapped, FSDP):
+            norm = wrapped.clip_grad_norm_(float(gradient_clip_val))
+        elif by_norm:
+            norm = torch.nn.utils.clip_grad_norm_(params, float(gradient_clip_val))
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+            super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        self._skip_if_nonfinite(optimizer, norm)
+
+    def _skip_if_nonfinite(self, optimizer, norm: torch.Tensor) -> None:
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return  # fp16 with a GradScaler: the scaler skips non-finite steps itself
+        if hasattr(norm, "full_tensor"):  # a DTensor (FSDP2 shards): the norm over all of them
+            norm = norm.full_tensor()
+        bad = (~torch.isfinite(norm.detach())).float()  # 0-dim, on the gradients' device
+        if self.trainer.world_size > 1:  # local shard norms (FSDP1 without clipping) may differ
+            bad = self.trainer.strategy.reduce(bad, reduce_op="max")
+        if optimizer.defaults.get("fused"):
+            optimizer.found_inf = bad  # the fused kernel leaves weights, moments and step count alone
+        elif bool(bad):  # other optimisers: no gradient, no update (a host sync, off the fast path)
+            optimizer.zero_grad(set_to_none=True)
+        self._skipped_steps = self._skipped_steps.to(bad.device) + bad
+        self.log("train/grad_norm", norm.detach().float(), on_step=True, on_epoch=False)
+        self.log("train/skipped_steps", self._skipped_steps, on_step=True, on_epoch=False)
 
     def configure_optimizers(self):
         hp = self.hparams
@@ -315,6 +328,8 @@ class VLMambaLitModule(L.LightningModule):
         return loss
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if (self.global_step % max(1, self.trainer.log_every_n_steps)) == 0:
+            self._report_skipped_steps()
         if self.nonfinite is None or self.nonfinite["ckpt"] is not None:
             return
         path = Path(self._ckpt_dir()) / f"nonfinite-step={self.nonfinite['step']}.ckpt"
@@ -327,6 +342,25 @@ class VLMambaLitModule(L.LightningModule):
             self.nonfinite["step"],
             path,
         )
+
+    def on_train_end(self) -> None:
+        self._report_skipped_steps()
+
+    def _report_skipped_steps(self) -> None:
+        skipped = int(self._skipped_steps)  # a host sync, at the logging interval only
+        if skipped > self._skipped_reported:
+            log.warning(
+                "non-finite gradients: %d optimiser step(s) skipped (total %d by step %d)",
+                skipped - self._skipped_reported,
+                skipped,
+                self.global_step,
+            )
+            self._skipped_reported = skipped
+
+    @property
+    def skipped_steps(self) -> int:
+        """Optimiser steps skipped so far because the gradients were not finite."""
+        return int(self._skipped_steps)
 
     def _ckpt_dir(self) -> str:
         from lightning.pytorch.callbacks import ModelCheckpoint
@@ -471,11 +505,7 @@ class VLMambaLitModule(L.LightningModule):
         tok = self.tokenizer
         if tok is not None and hasattr(tok, "tokenizer"):
             checkpoint["tokenizer_json"] = tok.tokenizer.to_str()
-            checkpoint["tokenizer_specials"] = {
-                "bos_token": tok.bos_token,
-                "eos_token": tok.eos_token,
-                "pad_token": tok.pad_token,
-            }
+            checkpoint["tokenizer_specials"] = tok.specials()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.tokenizer_json = checkpoint.get("tokenizer_json", self.tokenizer_json)

@@ -43,6 +43,22 @@ class TextTokenizer:
         self.eos_token_id: int = ids["eos"]
         self.pad_token_id: int = ids["pad"]
 
+    @classmethod
+    def from_json(cls, text: str, specials: dict[str, str | None] | None = None) -> TextTokenizer:
+        """From a ``tokenizer.json`` string and the special token names (as a checkpoint stores
+        them, see ``VLMambaLitModule.on_save_checkpoint``); our defaults where a name is missing."""
+        specials = specials or {}
+        return cls(
+            Tokenizer.from_str(text),
+            bos_token=specials.get("bos_token") or BOS,
+            eos_token=specials.get("eos_token") or EOS,
+            pad_token=specials.get("pad_token"),
+        )
+
+    def specials(self) -> dict[str, str]:
+        """The special tokens' names, as ``tokenizer_config.json`` and checkpoints store them."""
+        return {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token}
+
     @property
     def vocab_size(self) -> int:
         """Number of ids (added tokens included): the model's ``language.vocab_size``."""
@@ -80,7 +96,7 @@ class TextTokenizer:
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         self.tokenizer.save(str(tmp))
         os.replace(tmp, path)
-        cfg = {"bos_token": self.bos_token, "eos_token": self.eos_token, "pad_token": self.pad_token}
+        cfg = self.specials()
         cfg_path = path.with_name("tokenizer_config.json")
         tmp = cfg_path.with_name(f".{cfg_path.name}.tmp-{os.getpid()}")
         tmp.write_text(json.dumps(cfg, indent=1))

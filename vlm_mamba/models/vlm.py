@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import tempfile
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,9 @@ LOSS_REDUCTIONS = ("token", "sample")  # VLMamba.forward(loss_reduction=...)
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 TOKENIZER_NAME = "tokenizer.json"
+TOKENIZER_CONFIG_NAME = "tokenizer_config.json"  # the special tokens' names (vlm_mamba.export)
+SAVED_FILES = frozenset({CONFIG_NAME, WEIGHTS_NAME, TOKENIZER_NAME, TOKENIZER_CONFIG_NAME})
+LORA_MERGED_KEY = "lora_merged"  # safetensors metadata: JSON list of the adapters saved merged
 
 
 @dataclass
@@ -43,13 +48,16 @@ class VLMambaOutput:
     next token); ``loss``: mean cross-entropy over target tokens (labels != -100)."""
 
     logits: torch.Tensor
-    loss: torch.Tensor | None = None
+    loss: torch.Tensor | None = None  # (b, t) with loss_reduction="none"
 
 
 class VLMamba(nn.Module):
     """The vision-language model. ``model(image, text_tokens)`` returns a :class:`VLMambaOutput`."""
 
-    def __init__(self, config: VLMambaConfig) -> None:
+    def __init__(self, config: VLMambaConfig, pretrained_language: str | Path | None = None) -> None:
+        """Build the network; ``pretrained_language`` (a local Mamba LM directory, see
+        :meth:`load_pretrained_language`) is loaded into the plain language model before any LoRA
+        adapter is injected, so adapters wrap the pretrained weights."""
         super().__init__()
         self.config = config
         v = config.vision
@@ -59,12 +67,39 @@ class VLMamba(nn.Module):
             self.vision = FuyuPatchProjection(v.patch_size, v.in_chans, v.d_model)
         self.bridger = BridgerFFN.from_config(config)
         self.language = LanguageMamba(config.language)
+        if pretrained_language is not None:
+            self.load_pretrained_language(pretrained_language)
         self.lora_targets: list[str] = []
         if config.lora is not None:
             self._add_lora()
         self._apply_freezing()
 
     # ------------------------------------------------------------------ set-up
+    @torch.no_grad()
+    def load_pretrained_language(self, path: str | Path) -> None:
+        """Copy a local pretrained Mamba LM (transformers or mamba_ssm layout, read by
+        ``LanguageMamba.from_pretrained``) into ``self.language``; shapes must match the config.
+
+        Only before adapters exist: the checkpoint names plain ``in_proj.weight``, an injected
+        adapter ``in_proj.base.weight`` (the constructor's ``pretrained_language`` orders it right).
+        """
+        if self.has_lora:
+            raise ValueError(
+                "load_pretrained_language: LoRA adapters are already injected; pass pretrained_language "
+                "to VLMamba(...) so the weights load into the plain modules first"
+            )
+        src = LanguageMamba.from_pretrained(path).state_dict()
+        ours = self.language.state_dict()
+        bad = [k for k in ours if k in src and src[k].shape != ours[k].shape]
+        missing = [k for k in ours if k not in src]
+        unexpected = [k for k in src if k not in ours]
+        if bad or missing or unexpected:
+            raise ValueError(
+                f"pretrained_language={path}: does not fit model.language (shape mismatch: {bad[:5]}, "
+                f"missing: {missing[:5]}, unexpected: {unexpected[:5]}); set model.language to its config"
+            )
+        self.language.load_state_dict(src, strict=True)
+
     def _add_lora(self) -> None:
         lora = self.config.lora
         if lora.apply_to in ("language", "both"):
@@ -125,10 +160,13 @@ class VLMamba(nn.Module):
             loss_reduction: ``"token"``: the mean cross-entropy over all target tokens of the batch
                 (a 15-token caption weighs 15 times a one-word answer); ``"sample"``: the mean over
                 each sequence's target tokens, then over the sequences, so every example weighs the
-                same whatever its length (task mixes of captions and short answers).
+                same whatever its length (task mixes of captions and short answers); ``"none"``: the
+                (b, t) cross-entropy of each text token (0 where it is no target), for analysis.
         """
-        if loss_reduction not in LOSS_REDUCTIONS:
-            raise ValueError(f"loss_reduction={loss_reduction!r}: expected one of {LOSS_REDUCTIONS}")
+        if loss_reduction not in (*LOSS_REDUCTIONS, "none"):
+            raise ValueError(
+                f"loss_reduction={loss_reduction!r}: expected one of {LOSS_REDUCTIONS} or 'none'"
+            )
         b, t = input_ids.shape
         img, img_mask = self.encode_images(images, image_sizes)  # (b, p, d), (b, p)
         txt = self.language.embed(input_ids)  # (b, t, d)
@@ -144,7 +182,9 @@ class VLMamba(nn.Module):
         ).hidden_states  # (b, l, d)
         text_hidden = _gather_time(hidden, text_pos)  # (b, t, d)
         logits = self.language._logits(text_hidden)  # (b, t, V)
-        loss = None if labels is None else self._loss(hidden, logits, text_pos, labels, loss_reduction)
+        loss = None
+        if labels is not None:
+            loss = self._loss(hidden, logits, text_pos, mask, labels, loss_reduction)
         return VLMambaOutput(logits=logits, loss=loss)
 
     def _loss(
@@ -152,35 +192,45 @@ class VLMamba(nn.Module):
         hidden: torch.Tensor,
         logits: torch.Tensor,
         text_pos: torch.Tensor,
+        mask: torch.Tensor,
         labels: torch.Tensor,
         reduction: str = "token",
     ) -> torch.Tensor:
         """Cross-entropy over target tokens (labels != -100), reduced per ``reduction`` (see forward).
 
-        Text token k is predicted at the position just before it: text token k-1 (whose logits are
-        already computed, so the LM head runs once), except where the image sits in between; there
-        (only [prompt][image][target] and a labelled first token) the last image position predicts
-        it, and only those few rows go through the head again.
+        Text token k is predicted by the last *real* position before it (``mask`` (b, l) of the
+        interleaved sequence). Mostly that is text token k-1, whose logits are already computed, so
+        the LM head runs once; where the image sits in between ([prompt][image][target], or a
+        labelled first token) it is the last real image token, and only those few rows go through
+        the head again. A padded slot must never predict: the language model moves pads after the
+        real tokens (``ops.compact_by_mask``), so a pad's output has read the whole row, targets
+        included (a fuyu canvas smaller than its grid ends in such slots).
         """
         target = labels != -100  # (b, t)
-        after_text = torch.zeros_like(target)
-        after_text[:, 1:] = text_pos[:, 1:] - 1 == text_pos[:, :-1]
-        regular = target & after_text  # predicted by logits[:, k-1]
-        ce = F.cross_entropy(logits[:, :-1][regular[:, 1:]].float(), labels[regular], reduction="none")
-        rows = regular.nonzero()[:, 0]
-        irregular = target & ~after_text & (text_pos > 0)  # predicted by the last image token
+        pred = _previous_real(mask).gather(1, text_pos)  # (b, t) position predicting each text token
+        regular = torch.zeros_like(target)
+        regular[:, 1:] = pred[:, 1:] == text_pos[:, :-1]  # predicted by logits[:, k-1]
+        regular &= target
+        irregular = target & ~regular & (pred >= 0)  # predicted by the last real image token
+        ce = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)  # (b, t)
+        ce[regular] = F.cross_entropy(
+            logits[:, :-1][regular[:, 1:]].float(), labels[regular], reduction="none"
+        )
         if irregular.any():
-            h = _gather_time(hidden, (text_pos - 1).clamp_min(0))[irregular]  # (m, d)
-            ce2 = F.cross_entropy(self.language._logits(h).float(), labels[irregular], reduction="none")
-            ce, rows = torch.cat([ce, ce2]), torch.cat([rows, irregular.nonzero()[:, 0]])
-        if ce.numel() == 0:
+            h = _gather_time(hidden, pred.clamp_min(0))[irregular]  # (m, d)
+            ce[irregular] = F.cross_entropy(
+                self.language._logits(h).float(), labels[irregular], reduction="none"
+            )
+        if reduction == "none":
+            return ce
+        scored = regular | irregular
+        if not scored.any():
             return logits.sum() * 0.0
         if reduction == "token":
-            return ce.mean()
-        per_row = ce.new_zeros(labels.shape[0]).index_add_(0, rows, ce)  # (b,) summed CE per sequence
-        count = torch.bincount(rows, minlength=labels.shape[0])  # (b,) target tokens per sequence
+            return ce[scored].mean()
+        count = scored.sum(1)  # (b,) target tokens per sequence
         has = count > 0
-        return (per_row[has] / count[has]).mean()
+        return (ce.sum(1)[has] / count[has]).mean()
 
     def _text_before_image(self, tmask: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """(b,) number of text positions placed before the image tokens."""
@@ -272,8 +322,12 @@ class VLMamba(nn.Module):
                 emb, mask = torch.cat([img, txt], 1), torch.cat([img_mask, pmask], 1)
             else:
                 emb, mask = torch.cat([txt, img], 1), torch.cat([pmask, img_mask], 1)
-            out = lm(inputs_embeds=emb, attention_mask=_none_if_all(mask), return_state=True, logits="last")
-        last = out.logits[:, -1]  # (b, V): left padding puts every row's last real token here
+            out = lm(inputs_embeds=emb, attention_mask=_none_if_all(mask), return_state=True, logits="none")
+            # the last real position predicts the first new token: with text_first a fuyu canvas can
+            # end in padded slots, whose outputs are no prediction (see _loss)
+            last_real = _previous_real(F.pad(mask, (0, 1), value=True))[:, -1].clamp_min(0)  # (b,)
+            out.logits = lm._logits(_gather_time(out.hidden_states, last_real[:, None]))  # (b, 1, V)
+        last = out.logits[:, -1]  # (b, V): left padding puts every row's last real token last
 
         def step_fn(tok: torch.Tensor, st):
             o = lm.step(input_ids=tok, state=st)
@@ -317,35 +371,55 @@ class VLMamba(nn.Module):
     def has_lora(self) -> bool:
         return any(True for _ in lora_modules(self))
 
-    def save_pretrained(self, path: str | Path, tokenizer: Any = None) -> Path:
+    def save_pretrained(
+        self, path: str | Path, tokenizer: Any = None, extra_files: Mapping[str, str] | None = None
+    ) -> Path:
         """Write ``config.json``, ``model.safetensors`` and, if given, ``tokenizer.json`` to ``path``.
 
-        Written into a temporary sibling folder and renamed, so a crash never leaves half a model.
-        ``tokenizer`` may be a path to a tokenizer.json or an object with ``save(path)``.
+        ``tokenizer`` may be a path to a tokenizer.json or an object with ``save(path)``;
+        ``extra_files`` maps further names in :data:`SAVED_FILES` to their text. Which adapters are
+        merged is stored in the weights' metadata, so a merged model reloads merged (its
+        ``base.weight`` already holds the update) and can still be unmerged.
+
+        Everything is written into a fresh temporary sibling folder; an existing ``path`` is renamed
+        aside, the new folder renamed in, then the old one removed, so a complete model is on disk
+        at every moment. ``path`` must be absent, empty, or an earlier save_pretrained output
+        (nothing but :data:`SAVED_FILES`): anything else raises ``FileExistsError`` and is left alone.
         """
         from safetensors.torch import save_model
 
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        self.config.to_json(tmp / CONFIG_NAME)
-        save_model(self, str(tmp / WEIGHTS_NAME), metadata={"format": "pt", "library": "vlm_mamba"})
-        if tokenizer is not None:
-            if isinstance(tokenizer, (str, Path)):
-                shutil.copy(tokenizer, tmp / TOKENIZER_NAME)
-            else:
-                tokenizer.save(str(tmp / TOKENIZER_NAME))
-        if path.exists():
-            shutil.rmtree(path)
-        tmp.rename(path)
+        _check_replaceable(path)
+        unknown = set(extra_files or {}) - SAVED_FILES
+        if unknown:
+            raise ValueError(f"save_pretrained: extra_files {sorted(unknown)} not in {sorted(SAVED_FILES)}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            self.config.to_json(tmp / CONFIG_NAME)
+            merged = [name for name, mod in lora_modules(self) if mod.merged]
+            meta = {"format": "pt", "library": "vlm_mamba", LORA_MERGED_KEY: json.dumps(merged)}
+            save_model(self, str(tmp / WEIGHTS_NAME), metadata=meta)
+            if tokenizer is not None:
+                if isinstance(tokenizer, (str, Path)):
+                    shutil.copy(tokenizer, tmp / TOKENIZER_NAME)
+                else:
+                    tokenizer.save(str(tmp / TOKENIZER_NAME))
+            for name, text in (extra_files or {}).items():
+                (tmp / name).write_text(text)
+            _swap_in(tmp, path)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)  # our own temporary folder only
+            raise
         return path
 
     @classmethod
     def from_pretrained(
         cls, path: str | Path, map_location: str | torch.device = "cpu", **overrides
     ) -> VLMamba:
-        """Load a :meth:`save_pretrained` directory (no training code needed)."""
+        """Load a :meth:`save_pretrained` directory (no training code needed), adapters merged or not
+        as they were saved."""
+        from safetensors import safe_open
         from safetensors.torch import load_model
 
         path = Path(path)
@@ -355,14 +429,54 @@ class VLMamba(nn.Module):
         data = json.loads(cfg_file.read_text())
         data.update(overrides)
         model = cls(VLMambaConfig.model_validate(data))
-        missing, unexpected = load_model(
-            model, str(path / WEIGHTS_NAME), strict=False, device=str(map_location)
-        )
+        weights = path / WEIGHTS_NAME
+        missing, unexpected = load_model(model, str(weights), strict=False, device=str(map_location))
         if missing or unexpected:
             raise RuntimeError(
-                f"{path / WEIGHTS_NAME}: missing keys {sorted(missing)}, unexpected keys {sorted(unexpected)}"
+                f"{weights}: missing keys {sorted(missing)}, unexpected keys {sorted(unexpected)}"
             )
+        with safe_open(str(weights), framework="pt") as f:
+            merged = json.loads((f.metadata() or {}).get(LORA_MERGED_KEY, "[]"))
+        adapters = dict(lora_modules(model))
+        stray = [name for name in merged if name not in adapters]
+        if stray:
+            raise ValueError(
+                f"{weights}: metadata marks {stray[:5]} as merged LoRA adapters; the model has none"
+            )
+        for name in merged:  # base.weight already holds W + BA: mark it, do not fold it in again
+            adapters[name].merged = True
         return model.to(map_location)
+
+
+def _check_replaceable(path: Path) -> None:
+    """Raise unless ``path`` is absent, an empty folder or an earlier save_pretrained output."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise FileExistsError(f"{path} exists and is not a directory; save_pretrained will not replace it")
+    names = {p.name for p in path.iterdir()}
+    if names and not ({CONFIG_NAME, WEIGHTS_NAME} <= names and names <= SAVED_FILES):
+        other = sorted(names - SAVED_FILES) or sorted({CONFIG_NAME, WEIGHTS_NAME} - names)
+        raise FileExistsError(
+            f"{path} is not empty and not a VLMamba.save_pretrained output (it has {other[:5]}); "
+            "save_pretrained replaces only its own outputs: choose another directory"
+        )
+
+
+def _swap_in(new: Path, path: Path) -> None:
+    """Rename ``new`` to ``path``; an existing ``path`` is renamed aside first and removed last."""
+    if not path.exists():
+        new.rename(path)
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+    aside.rmdir()  # a unique free name for the rename below
+    path.rename(aside)
+    try:
+        new.rename(path)
+    except BaseException:
+        aside.rename(path)  # put the previous model back
+        raise
+    shutil.rmtree(aside)  # the previous save_pretrained output (checked by _check_replaceable)
 
 
 # ---------------------------------------------------------------------- sequence helpers
@@ -382,6 +496,13 @@ def center_images(images: torch.Tensor, image_sizes: torch.Tensor | None = None)
 def _none_if_all(mask: torch.Tensor) -> torch.Tensor | None:
     """Masks that mark every position real are dropped: the unmasked kernels are faster."""
     return None if bool(mask.all()) else mask
+
+
+def _previous_real(mask: torch.Tensor) -> torch.Tensor:
+    """mask (b, l) -> (b, l): the index of the last True position strictly before each one, -1 if none."""
+    pos = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last_at_or_before = torch.where(mask, pos, -1).cummax(dim=1).values  # (b, l)
+    return F.pad(last_at_or_before[:, :-1], (1, 0), value=-1)
 
 
 def _gather_time(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
