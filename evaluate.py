@@ -24,7 +24,7 @@ os.environ.setdefault("VLM_MAMBA_ROOT", str(ROOT))
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from vlm_mamba.evaluation import run_eval, run_predict, run_score
+    from vlm_mamba.evaluation import run_eval, run_predict, run_score, user_errors
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     c = OmegaConf.to_container(cfg, resolve=True)
@@ -38,7 +38,7 @@ def main(cfg: DictConfig) -> None:
             run_eval(c, out_dir)
         else:
             raise ValueError(f"mode={mode!r}: expected eval, score or predict")
-    except (ValueError, FileNotFoundError, RuntimeError) as e:
+    except user_errors() as e:  # bad input only: CUDA errors and bugs keep their traceback
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         sys.exit(2)
 

@@ -52,7 +52,8 @@ def trained(tmp_path_factory):
     return root, info
 
 
-@pytest.mark.parametrize("task", ["coco_caption", "vqav2"])
+# the caption run starts METEOR's Java process (~20 s on 2 cores): slow; vqav2 covers the same flow
+@pytest.mark.parametrize("task", [pytest.param("coco_caption", marks=pytest.mark.slow), "vqav2"])
 def test_eval_then_score_only_reproduces(trained, task):
     root, info = trained
     out = root / f"eval_{task}"
@@ -157,3 +158,25 @@ def test_trivial_baselines():
         {"question_id": 2, "answer": "red"},
         {"question_id": 3, "answer": "red"},
     ]
+
+
+def test_evaluate_reports_bad_input_in_one_line_but_not_internal_errors():
+    """evaluate.py turns the project's input errors into one line; a CUDA error or a bug is no
+    input error and keeps its traceback (a bare RuntimeError used to be swallowed too)."""
+    from vlm_mamba.evaluation import user_errors
+    from vlm_mamba.metrics import JavaNotFoundError
+    from vlm_mamba.results import ResultsError
+
+    caught = user_errors()
+    for err in (
+        ResultsError("results.json: record 3 has no 'answer'"),
+        FileNotFoundError("x"),
+        JavaNotFoundError("java"),
+    ):
+        assert isinstance(err, caught)
+    for err in (
+        RuntimeError("CUDA error: an illegal memory access was encountered"),
+        KeyError("bug"),
+        TypeError("bug"),
+    ):
+        assert not isinstance(err, caught)

@@ -38,6 +38,7 @@ def test_seed_snippet_small(mode):
     assert any("lora_A" in n for n in trainable)
 
 
+@pytest.mark.slow  # a full-size (~150M parameter) build and forward
 def test_seed_snippet_exact_sizes():
     """The seed's code as written, at its sizes (224 px, patch 16, width 768, 12 + 12 layers)."""
     vision_cfg = VisionConfig(img_size=224, patch_size=16, d_model=768, n_layers=12)

@@ -195,11 +195,18 @@ class BridgerConfig(_Config):
     expansion_factor: int = Field(4, gt=0)
     norm: bool = Field(True, description="RMSNorm on the bridge output")
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    # The bridge's widths are always derived (vision.d_model -> language.d_model). These two let a
+    # config that states them (the seed's API, configs written for other VLM codebases) be checked
+    # against the towers at validation instead of failing at weight loading; they never change a shape.
     in_dim: int | None = Field(
-        None, gt=0, description="optional explicit input width; must equal vision.d_model"
+        None,
+        gt=0,
+        description="a check, not a setting: when given it must equal vision.d_model (the input width is derived)",
     )
     out_dim: int | None = Field(
-        None, gt=0, description="optional explicit output width; must equal language.d_model"
+        None,
+        gt=0,
+        description="a check, not a setting: when given it must equal language.d_model (the output width is derived)",
     )
 
 
@@ -241,7 +248,9 @@ class VLMambaConfig(_Config):
     bos_token_id: int | None = Field(None, ge=0)
     eos_token_id: int | None = Field(None, ge=0)
     pad_token_id: int = Field(0, ge=0)
-    initializer_range: float = Field(0.02, gt=0)
+    initializer_range: float = Field(
+        0.02, gt=0, description="std of the token embedding's normal init (mamba_ssm's initializer_range)"
+    )
 
     @model_validator(mode="after")
     def _cross_checks(self):

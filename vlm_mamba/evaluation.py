@@ -31,6 +31,16 @@ from .results import write_json_atomic, write_metrics, write_results
 log = logging.getLogger(__name__)
 
 TASKS = ("coco_caption", "vqav2")
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """The exceptions that mean bad input (a file, record, field or option), reported by
+    ``evaluate.py`` as one line; anything else (a CUDA error, a bug) keeps its traceback."""
+    from .metrics import CaptionMetricError, JavaNotFoundError
+
+    return (ValueError, FileNotFoundError, FileExistsError, JavaNotFoundError, CaptionMetricError)
+
+
 DEFAULT_DATASET = {"coco_caption": "shapes", "vqav2": "shapes_vqa"}
 
 

@@ -66,7 +66,7 @@ class VLMamba(nn.Module):
         else:
             self.vision = FuyuPatchProjection(v.patch_size, v.in_chans, v.d_model)
         self.bridger = BridgerFFN.from_config(config)
-        self.language = LanguageMamba(config.language)
+        self.language = LanguageMamba(config.language, initializer_range=config.initializer_range)
         if pretrained_language is not None:
             self.load_pretrained_language(pretrained_language)
         self.lora_targets: list[str] = []
@@ -432,7 +432,7 @@ class VLMamba(nn.Module):
         weights = path / WEIGHTS_NAME
         missing, unexpected = load_model(model, str(weights), strict=False, device=str(map_location))
         if missing or unexpected:
-            raise RuntimeError(
+            raise ValueError(
                 f"{weights}: missing keys {sorted(missing)}, unexpected keys {sorted(unexpected)}"
             )
         with safe_open(str(weights), framework="pt") as f:
