@@ -286,3 +286,63 @@ def test_inputs_are_validated():
         lm()
     with pytest.raises(ValueError, match="needs a state"):
         lm.step(torch.tensor([1]))
+
+
+def _masks():
+    """(b=3, l=8) masks with pads on the right, on the left and in the middle (a fuyu canvas)."""
+    m = torch.ones(3, 8, dtype=torch.bool)
+    m[0, 6:], m[1, :3], m[2, 2:5] = False, False, False
+    return m
+
+
+@pytest.mark.parametrize("ckpt", [False, True])
+@pytest.mark.parametrize("ssm", SSMS)
+def test_padded_training_batch_equals_rows_alone(ssm, ckpt):
+    """Pads anywhere, training (no state): the compacted rows run unmasked, and the logits at real
+    positions and every parameter's gradient equal the rows run one by one."""
+    mask, ids = _masks(), _ids(3, 8, V=50)
+    lm = _perturb(_lm(ssm, gradient_checkpointing=ckpt)).train()
+    out = lm(ids, attention_mask=mask.long())
+    out.logits[mask].logsumexp(-1).sum().backward()
+    grads = {n: p.grad.clone() for n, p in lm.named_parameters()}
+    lm.zero_grad()
+    for r in range(3):
+        alone = lm(ids[r : r + 1, mask[r]]).logits
+        torch.testing.assert_close(out.logits[r, mask[r]], alone[0], atol=1e-4, rtol=1e-4)
+        alone.logsumexp(-1).sum().backward()
+    for n, p in lm.named_parameters():
+        torch.testing.assert_close(grads[n], p.grad, atol=1e-4, rtol=1e-3, msg=n)
+
+
+@pytest.mark.parametrize("ssm", SSMS)
+def test_forward_reads_nothing_back_to_the_host(ssm, monkeypatch):
+    """No host syncs in the forward (issue 14): the padding decisions stay on the device. On the CPU
+    the explicit reads (bool(tensor), .item(), .tolist()) are what a CUDA run would wait on."""
+    lm, ids, mask = _lm(ssm).train(), _ids(3, 8, V=50), _masks()
+
+    def refuse(*a, **k):
+        raise AssertionError("the forward read a tensor back to the host")
+
+    for name in ("__bool__", "item", "tolist"):
+        monkeypatch.setattr(torch.Tensor, name, refuse)
+    lm(ids, attention_mask=mask)
+    lm(ids, attention_mask=mask, return_state=True, logits="last")
+    monkeypatch.undo()
+
+
+def test_initializer_range_sets_the_embedding_init():
+    """Issue 12, item 7: the embedding's init std is initializer_range (0.02 where none is given)."""
+    cfg = LanguageConfig(d_model=64, n_layers=1, vocab_size=4000, tie_embeddings=False)
+    torch.manual_seed(0)
+    assert abs(LanguageMamba(cfg).embedding.weight.std().item() - 0.02) < 1e-3
+    torch.manual_seed(0)
+    wide = LanguageMamba(cfg, initializer_range=0.1)
+    assert abs(wide.embedding.weight.std().item() - 0.1) < 5e-3 and wide.initializer_range == 0.1
+
+    class WithRange(LanguageConfig):  # a config that carries the field (VLMambaConfig's, say)
+        initializer_range: float = 0.05
+
+    torch.manual_seed(0)
+    assert abs(LanguageMamba(WithRange(**cfg.model_dump())).embedding.weight.std().item() - 0.05) < 3e-3
+    with pytest.raises(ValueError, match="initializer_range"):
+        LanguageMamba(cfg, initializer_range=-1.0)

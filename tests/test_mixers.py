@@ -276,3 +276,99 @@ def test_gated_norm_groups_and_order():
     _close(n(x, z), want)
     nb = RMSNormGated(8, eps=1e-6, norm_before_gate=True)
     _close(nb(x, z), RMSNorm(8, eps=1e-6)(x) * torch.nn.functional.silu(z))
+
+
+def test_block_carry_equals_block_forward_exactly():
+    """The carried-residual form (what LanguageMamba runs, fusable add + norm) computes bit for bit
+    what chaining Block.forward and a final norm did before the fusion."""
+    blocks = [
+        Block(16, _mixer(k, seed=i), norm_cls=RMSNorm, residual_in_fp32=True) for i, k in enumerate(KINDS)
+    ]
+    norm_f = RMSNorm(16)
+    with torch.no_grad():
+        norm_f.weight.add_(torch.randn(16) * 0.3)
+        x = _x(L=7)
+        want = x
+        for blk in blocks:
+            want = blk(want)
+        want = norm_f(want)
+        hidden, residual = x, None
+        for blk in blocks:
+            hidden, residual = blk.forward_carry(hidden, residual)
+        got = ops.add_rms_norm(hidden, residual, norm_f.weight, norm_f.eps, True, prenorm=False)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_lengths_on_compacted_rows_equal_the_mask(kind):
+    """``lengths`` (rows already compacted, what LanguageMamba passes) is the mask path without the
+    per-layer permutation: the same outputs at real positions and the same final states."""
+    m, x = _mixer(kind), _x(b=3, L=8)
+    mask = torch.ones(3, 8, dtype=torch.bool)
+    mask[0, :3], mask[1, 2:4], mask[2, 6:] = False, False, False
+    order, inverse, lengths = ops.compact_by_mask(mask)
+    with torch.no_grad():
+        y_mask, s_mask = m(x, mask=mask, return_state=True)
+        y_len, s_len = m(ops.gather_time(x, order), lengths=lengths, return_state=True)
+    _close(ops.gather_time(y_len, inverse)[mask], y_mask[mask])
+    _state_close(s_len, s_mask)
+    with pytest.raises(ValueError, match="not both"):
+        m(x, mask=mask, lengths=lengths)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_padded_training_forward_equals_rows_alone_with_grads(kind):
+    """Without a returned state the compacted rows run unmasked (the fused path on CUDA): real outputs
+    and every gradient equal the rows run alone, and nothing flows to a pad."""
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[0, :3], mask[1, 4:6], mask[2, 7:] = False, False, False
+    x = _x(b=3, L=9).requires_grad_(True)
+    m = _mixer(kind).train()
+    y = m(x, mask=mask)
+    y[mask].square().sum().backward()
+    ref = _mixer(kind).train()
+    xs = x.detach().clone().requires_grad_(True)
+    for r in range(3):
+        yr = ref(xs[r : r + 1, mask[r]])
+        yr.square().sum().backward()
+        _close(y[r, mask[r]], yr[0])
+    _close(x.grad, xs.grad)
+    assert torch.equal(x.grad[~mask], torch.zeros_like(x.grad[~mask]))
+    for p, q in zip(m.parameters(), ref.parameters()):
+        _close(p.grad, q.grad, atol=1e-3)
+
+
+def _lora_mixer(kind, targets, dropout):
+    from vlm_mamba.layers.lora import LoRALinear
+
+    m = _mixer(kind)
+    torch.manual_seed(7)
+    for name in targets:
+        lora = LoRALinear(getattr(m, name), rank=2, alpha=4.0, dropout=dropout)
+        nn.init.normal_(lora.lora_B, std=0.3)  # a visible adapter
+        setattr(m, name, lora)
+    return m
+
+
+@pytest.mark.parametrize(
+    "kind, target",
+    [("mamba1", "x_proj"), ("mamba1", "dt_proj"), ("mamba1", "out_proj"), ("mamba1", "in_proj"),
+     ("mamba2", "out_proj"), ("mamba2", "in_proj")],
+)  # fmt: skip
+def test_lora_dropout_applies_on_every_target(kind, target):
+    """Issue 12, item 8: an adapter's dropout acts wherever the adapter sits. With p = 1 in training
+    the adapter's input is all dropped, so the mixer equals the base model; in eval it is active."""
+    m, x = _lora_mixer(kind, [target], dropout=1.0), _x(L=6)
+    base = _mixer(kind)
+    merged = _lora_mixer(kind, [target], dropout=0.0)
+    from vlm_mamba.layers.mamba1 import reads_weight_only
+
+    with torch.no_grad():
+        m.train()
+        assert not reads_weight_only(getattr(m, target))
+        off = (m(x) - base(x)).abs().max()  # all dropped: the base model
+        m.eval()
+        assert reads_weight_only(getattr(m, target))
+        _close(m(x), merged(x))
+        on = (m(x) - base(x)).abs().max()  # the adapter's effect
+    assert on > 0 and off < 1e-3 * on, (off, on)

@@ -404,3 +404,37 @@ def test_forced_cuda_without_kernels_raises_with_reason():
     d = _m1_inputs(L=3)
     with pytest.raises(RuntimeError, match="cuda"):
         ops.selective_scan(d["u"], d["delta"], d["A"], d["B"], d["C"], kernel="cuda")
+
+
+@pytest.mark.parametrize("with_residual", [False, True])
+@pytest.mark.parametrize("residual_in_fp32", [False, True])
+def test_add_rms_norm_twin_is_add_then_norm(with_residual, residual_in_fp32):
+    """The unfused twin of mamba_ssm's rms_norm_fn(prenorm=True) is exactly the add, then RMSNorm."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 8, generator=g).to(torch.bfloat16)
+    res = torch.randn(2, 5, 8, generator=g) if with_residual else None
+    w = torch.rand(8, generator=g) + 0.5
+    for kernel in ("torch", "ref"):
+        out, new_res = ops.add_rms_norm(x, res, w, 1e-5, residual_in_fp32, kernel=kernel)
+        want_res = x if res is None else res + x
+        xf = want_res.float()
+        want = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+        assert torch.equal(out, want) and out.dtype == torch.float32
+        assert torch.equal(new_res, want_res.float() if residual_in_fp32 else want_res)
+        assert new_res.dtype == (torch.float32 if residual_in_fp32 or with_residual else torch.bfloat16)
+        alone = ops.add_rms_norm(x, res, w, 1e-5, residual_in_fp32, prenorm=False, kernel=kernel)
+        assert torch.equal(alone, out)
+
+
+def test_gated_norm_dispatch_equals_reference():
+    g = torch.Generator().manual_seed(0)
+    x, z, w = torch.randn(3, 12, generator=g), torch.randn(3, 12, generator=g), torch.rand(12, generator=g)
+    for before in (False, True):
+        want = R.rms_norm_gated_ref(x, w, z, 1e-6, 4, before)
+        torch.testing.assert_close(ops.rms_norm_gated(x, w, z, 1e-6, 4, before, kernel="torch"), want)
+        xs = x.reshape(3, 3, 4)  # three groups of four channels
+        manual = xs * (1 if before else torch.nn.functional.silu(z).reshape(3, 3, 4))
+        manual = (manual * torch.rsqrt(manual.pow(2).mean(-1, keepdim=True) + 1e-6)).reshape(3, 12) * w
+        if before:
+            manual = manual * torch.nn.functional.silu(z)
+        torch.testing.assert_close(want, manual)
