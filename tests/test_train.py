@@ -163,6 +163,19 @@ def test_export_writes_a_loadable_model_directory(shapes_dir, tmp_path):
     assert merged.config.lora is None
     torch.testing.assert_close(merged(images, ids).logits, ref(images, ids).logits, rtol=1e-4, atol=1e-5)
     assert export_main([str(tmp_path / "missing.ckpt"), str(tmp_path / "x")]) == 1
+    # exporting into the run folder (or any folder export did not write) is refused; nothing is lost
+    before = sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*"))
+    assert export_main([str(ckpt), str(tmp_path / "run")]) == 1
+    assert export_main([str(ckpt), str(tmp_path / "run" / "checkpoints")]) == 1
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "run").rglob("*")) == before
+    # a rerun over its own earlier output replaces it
+    assert export_main([str(ckpt), str(tmp_path / "out")]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
 
 
 def test_debug_overfit_memorises_one_batch(shapes_dir, tmp_path):
