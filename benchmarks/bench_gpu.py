@@ -71,7 +71,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_vlm import Probe, cpu_name, model_bytes, peer_self_check  # noqa: E402
-from peer_transformer import build_peer, match_peer_config  # noqa: E402
+from peer_transformer import PeerTransformerVLM, build_peer, match_peer_config  # noqa: E402
 
 from vlm_mamba import create_model, get_config  # noqa: E402
 from vlm_mamba.config import LanguageConfig  # noqa: E402
@@ -88,7 +88,7 @@ BATCH_KINDS = {
     "caption": "image + 20-40 text tokens (uniform), right padded to 40, every real token labelled",
     "vqa": "image + 8-16 prompt tokens + 1-3 answer tokens, right padded to 19, the answer labelled",
 }
-SECTION_WEIGHT = {"lm_vs_stock": 3.0, "arch": 3.0, "lengths": 2.0, "decode": 3.0, "vision": 1.5, "vqa": 0.7}
+SECTION_WEIGHT = {"lm_vs_stock": 2.0, "arch": 3.0, "lengths": 1.5, "decode": 2.5, "vision": 0.8, "vqa": 0.4}
 
 
 # ----------------------------------------------------------------------------------- the plan
@@ -535,6 +535,39 @@ class Suite:
             return fn
         return torch.compile(fn, dynamic=dynamic)
 
+    def inference_weights(
+        self, model: nn.Module, probe: Callable[[nn.Module], Any]
+    ) -> tuple[nn.Module, bool, str]:
+        """bf16 weights where the model runs on them (``probe`` passes), else fp32 weights under bf16
+        autocast. Returns (model, use autocast, what was used)."""
+        if not self.cuda:
+            return model.eval(), False, "fp32"
+        m = model.to(torch.bfloat16).eval()
+        try:
+            with torch.no_grad():
+                probe(m)
+            return m, False, "bf16 weights"
+        except Exception as err:
+            print(
+                f"  bf16 weights failed ({type(err).__name__}: {str(err)[:120]}); fp32 weights + autocast",
+                flush=True,
+            )
+            return (
+                model.float().eval(),
+                True,
+                f"fp32 weights + bf16 autocast (bf16 weights failed: {type(err).__name__}: {str(err)[:160]})",
+            )
+
+    def lm_probe(self, m: nn.Module) -> None:
+        ids = torch.randint(1, 100, (2, 8), device=self.device)
+        o = m(ids, return_state=True, logits="last")
+        m.step(input_ids=ids[:, 0], state=o.state)
+
+    def vlm_probe(self, m: nn.Module) -> None:
+        s = m.config.vision.img_size
+        m.generate(torch.randn(1, 3, s, s, device=self.device, dtype=next(m.parameters()).dtype),
+                   torch.randint(1, 100, (1, 4), device=self.device), max_new_tokens=2)  # fmt: skip
+
     def mfu(self, params: int, tok_s: float, train: bool = True) -> float:
         return (6 if train else 2) * params * tok_s / PEAK_FLOPS
 
@@ -732,12 +765,17 @@ class Suite:
     def _vlm_trainer(
         self, model: nn.Module, batch: dict, compile_key: str | None, dynamic: bool | None = None
     ):
+        """The loss of one batch. The peer gets no attention_mask: it only checks that the padding is
+        on the right (a host sync and a graph break) and never reads it otherwise; ours uses it."""
+        peer = isinstance(model, PeerTransformerVLM)
+        mask = None if peer or bool(batch["mask"].all()) else batch["mask"]
+
         def fl(images, ids, mask, labels):
             with self.amp():
                 return model(images, ids, attention_mask=mask, labels=labels).loss
 
         f = self.compiled(fl, compile_key, dynamic) if compile_key else fl
-        return lambda: f(batch["images"], batch["ids"], batch["mask"], batch["labels"])
+        return lambda: f(batch["images"], batch["ids"], mask, batch["labels"])
 
     def _train_case(self, model: nn.Module, forward_loss: Callable, tokens: int, params: int) -> dict:
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5, fused=True)
@@ -784,7 +822,9 @@ class Suite:
                         "batch_kind": BATCH_KINDS[kind],
                     }
                     if compiled and key not in self.compile:
-                        rec["skipped"] = f"--compile does not list {key!r}"
+                        rec["skipped"] = (
+                            f"not measured: --compile did not list {key!r} in this run (device time)"
+                        )
                         self.records.append(rec)
                         continue
                     fl = self._vlm_trainer(model, batch, key if compiled else None)
@@ -858,7 +898,9 @@ class Suite:
                         self.records.append(rec)
                         continue
                     if compiled and key not in self.compile:
-                        rec["skipped"] = f"--compile does not list {key!r}"
+                        rec["skipped"] = (
+                            f"not measured: --compile did not list {key!r} in this run (device time)"
+                        )
                         self.records.append(rec)
                         continue
 
@@ -874,7 +916,7 @@ class Suite:
                     f = self.compiled(fl_raw, key, dynamic=True) if compiled else fl_raw
                     self.case(rec, lambda model=model, f=f, ids=ids, b=b, T=T: self._train_case(
                         model, lambda: f(ids), b * T, n_params(model)))  # fmt: skip
-            torch._dynamo.reset()
+        torch._dynamo.reset()
         self.clean()
 
     # ------------------------------------------------------------------ 3. lengths
@@ -912,13 +954,20 @@ class Suite:
         # Mamba-1: the whole grid for ours, stock and Llama; Mamba-2: the target cases for ours and stock
         cases = [(b, c) for c in P.decode_contexts for b in P.decode_batches]
         cases.sort(key=lambda bc: (bc[0], bc[1]))  # stock's graph cache grows with the batch
-        ours = self.build_ours("mamba1").to(torch.bfloat16).eval()
+        ours, ours_amp, ours_w = self.inference_weights(self.build_ours("mamba1"), self.lm_probe)
         target = n_params(ours)
+        weights = {("ours", "mamba1"): (ours_amp, ours_w)}
+
+        def ours2():
+            m, a, w = self.inference_weights(self.build_ours("mamba2"), self.lm_probe)
+            weights[("ours", "mamba2")] = (a, w)
+            return m
+
         subjects: list[tuple[str, str, Callable[[], Any]]] = [
             ("ours", "mamba1", lambda: ours),
             ("stock", "mamba1", lambda: self.build_stock("mamba1").to(torch.bfloat16).eval()),
             ("llama", "-", lambda: self.build_llama(target).to(torch.bfloat16).eval()),
-            ("ours", "mamba2", lambda: self.build_ours("mamba2").to(torch.bfloat16).eval()),
+            ("ours", "mamba2", ours2),
             ("stock", "mamba2", lambda: self.build_stock("mamba2").to(torch.bfloat16).eval()),
         ]
         with contextlib.suppress(Exception):
@@ -933,11 +982,13 @@ class Suite:
             except Exception as e:
                 model, err = None, f"{type(e).__name__}: {str(e)[:200]}"
             dec = None
+            amp, wdesc = weights.get((who, ssm), (False, "bf16 weights"))
             if model is not None:
                 dec = {"ours": OursDecoder, "stock": StockDecoder, "llama": LlamaDecoder}[who](model, self)
+                dec.amp = amp
             for b, ctx in my_cases:
                 rec = {"section": "decode", "case": f"b={b} ctx={ctx}", "model": who, "ssm": ssm, "batch": b,
-                       "context": ctx, "new_tokens": P.decode_new, "weights": "bf16", "path": dec.path if dec else None}  # fmt: skip
+                       "context": ctx, "new_tokens": P.decode_new, "weights": wdesc, "path": dec.path if dec else None}  # fmt: skip
                 if model is None:
                     rec["skipped"] = err
                     self.records.append(rec)
@@ -962,12 +1013,14 @@ class Suite:
         big = b * ctx >= P.prefill_token_budget // 4
         g = torch.Generator().manual_seed(b + ctx)
         ids = torch.randint(1, P.lm["vocab_size"], (b, ctx), generator=g).to(self.device)
-        dec.prepare(ids, n)  # allocations, graph capture, one full run
         p = self.probe
+        dec.release()  # the previous case's cache and graphs: the peak below includes this case's
+        self.clean()
         if self.cuda:
             p.sync()
             before = torch.cuda.memory_allocated(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
+        dec.prepare(ids, n)  # allocations, graph capture, one full run
         reps = 1 if big else 2
         t1, tn = [], []
         for _ in range(reps):
@@ -1002,19 +1055,21 @@ class Suite:
         cfg = get_config(size)
         torch.manual_seed(0)
         with torch.device(self.device):
-            vlm = create_model(size).to(self.device).to(torch.bfloat16).eval()
+            vlm = create_model(size).to(self.device)
+        vlm, amp, wdesc = self.inference_weights(vlm, self.vlm_probe)
         lm = vlm.language
+        lm_dec = OursDecoder(lm, self)
+        lm_dec.amp = amp
+        dt = next(vlm.parameters()).dtype
         n = P.decode_new
         prompt = torch.randint(1, cfg.language.vocab_size, (1, 32)).to(self.device)
-        images = torch.randn(
-            1, 3, cfg.vision.img_size, cfg.vision.img_size, device=self.device, dtype=torch.bfloat16
-        )
+        images = torch.randn(1, 3, cfg.vision.img_size, cfg.vision.img_size, device=self.device, dtype=dt)
         ids = torch.randint(1, cfg.language.vocab_size, (1, cfg.vision.num_patches + 32)).to(self.device)
         for who, run in (("vlm_generate", lambda k: vlm.generate(images, prompt, max_new_tokens=k, eos_token_id=None)),
-                         ("lm_alone", lambda k: OursDecoder(lm, self).run(ids, k))):  # fmt: skip
+                         ("lm_alone", lambda k: lm_dec.run(ids, k))):  # fmt: skip
 
             def measure(run=run):
-                with torch.no_grad():
+                with torch.no_grad(), self.amp() if amp else contextlib.nullcontext():
                     run(n)
                     t1 = self.timed(lambda: run(1), 0, warmup=0)["median_ms"]
                     tn = self.timed(lambda: run(n), 0, warmup=0)["median_ms"]
@@ -1022,7 +1077,7 @@ class Suite:
                 return {"ttft_ms": t1, "total_ms": tn, "itl_ms": itl, "decode_tokens_per_s": 1e3 / itl}
 
             rec = {"section": "decode_vlm", "case": f"{size} b=1 prompt={cfg.vision.num_patches}+32", "model": who,
-                   "batch": 1, "new_tokens": n, "path": OursDecoder(lm, self).path}  # fmt: skip
+                   "batch": 1, "new_tokens": n, "path": lm_dec.path, "weights": wdesc}  # fmt: skip
             self.case(rec, measure)
         self.clean()
 
@@ -1125,10 +1180,11 @@ class Suite:
         P = self.plan
         ours, peer, info = self.vlm_pair()
         cfg = get_config(P.vlm_size)
-        ours, peer = ours.to(torch.bfloat16).eval(), peer.to(torch.bfloat16).eval()
+        ours, amp, wdesc = self.inference_weights(ours, self.vlm_probe)
+        peer = peer.to(torch.bfloat16).eval() if self.cuda else peer.eval()
         n_img, q = P.vqa_images, P.vqa_questions
         s = cfg.vision.img_size
-        images = torch.randn(n_img, 3, s, s, device=self.device, dtype=torch.bfloat16)
+        images = torch.randn(n_img, 3, s, s, device=self.device, dtype=next(ours.parameters()).dtype)
         prompts = torch.randint(1, cfg.language.vocab_size, (n_img * q, 12), device=self.device)
         index = torch.arange(n_img, device=self.device).repeat_interleave(q)
         new = 3
@@ -1137,22 +1193,24 @@ class Suite:
                                                                  eos_token_id=None, use_image_cache=True),
             ("ours", "recompute"): lambda: ours.generate(images, prompts, image_index=index, max_new_tokens=new,
                                                          eos_token_id=None, use_image_cache=False),
-            ("peer", "recompute"): lambda: peer.generate(images[index], prompts, max_new_tokens=new),
+            ("peer", "recompute"): lambda: peer.generate(images[index].to(next(peer.parameters()).dtype), prompts,
+                                                         max_new_tokens=new),
         }  # fmt: skip
         for (who, variant), run in runs.items():
             rec = {"section": "vqa", "case": f"{n_img} images x {q} questions", "model": who, "variant": variant,
                    "batch": n_img * q, "prompt_len": 12, "new_tokens": new,
+                   "weights": wdesc if who == "ours" else "bf16 weights",
                    "what": "generate over all questions in one batch: images encoded once per image either way "
                    "(recompute forks the encoded image per question and prefills [image][question])"}  # fmt: skip
 
-            def measure(run=run):
-                with torch.no_grad():
+            def measure(run=run, who=who):
+                with torch.no_grad(), self.amp() if amp and who == "ours" else contextlib.nullcontext():
                     r = self.timed(run, 0)
                 r["questions_per_s"] = n_img * q / (r["median_ms"] / 1e3)
                 return r
 
             self.case(rec, measure)
-        with torch.no_grad():
+        with torch.no_grad(), self.amp() if amp else contextlib.nullcontext():
             same = torch.equal(runs[("ours", "image_state_cache")](), runs[("ours", "recompute")]())
         self.info["vqa_cache_equals_recompute_tokens"] = same
         self.clean()
@@ -1210,12 +1268,19 @@ class Decoder:
     """Greedy decoding of ``k`` new tokens after a prompt, each call from the prompt (prefill included)."""
 
     path = ""
+    amp = False  # run under bf16 autocast (fp32 weights)
 
     def __init__(self, model: nn.Module, suite: Suite) -> None:
         self.model, self.suite = model, suite
 
+    def ctx(self):
+        return self.suite.amp() if self.amp else contextlib.nullcontext()
+
     def prepare(self, ids: torch.Tensor, n: int) -> None:
         self.run(ids, n)
+
+    def release(self) -> None:
+        """Drop caches and graphs held between calls."""
 
     def run(self, ids: torch.Tensor, k: int) -> torch.Tensor:
         raise NotImplementedError
@@ -1247,6 +1312,10 @@ class OursDecoder(Decoder):
 
     @torch.no_grad()
     def run(self, ids: torch.Tensor, k: int) -> torch.Tensor:
+        with self.ctx():
+            return self._run(ids, k)
+
+    def _run(self, ids: torch.Tensor, k: int) -> torch.Tensor:
         m = self.model
         if self.native is not None:
             params = inspect.signature(self.native).parameters
@@ -1277,6 +1346,9 @@ class StockDecoder(Decoder):
     def run(self, ids: torch.Tensor, k: int) -> torch.Tensor:
         out = self.model.generate(ids, max_length=ids.shape[1] + k, cg=True, top_k=1)
         return out[:, ids.shape[1] :]
+
+    def release(self) -> None:
+        self.model._decoding_cache = None
 
     def state_bytes(self, b: int, length: int) -> int:
         cache = self.model.allocate_inference_cache(1, length, dtype=torch.bfloat16)
@@ -1351,6 +1423,10 @@ class LlamaDecoder(Decoder):
             x = x + at.o_proj(y.transpose(1, 2).reshape(b, s, -1))
             x = x + layer.mlp(layer.post_attention_layernorm(x))
         return core.norm(x)
+
+    def release(self) -> None:
+        self.k = self.v = self.graph = self.logits = None
+        self.key = None
 
     def _alloc(self, b: int, cap: int, dtype, device) -> None:
         if self.key == (b, cap):
@@ -1580,7 +1656,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--time-budget", type=float, default=0, help="seconds for the whole run; cases past it are skipped"
     )
     ap.add_argument("--compile", nargs="*", default=None, choices=["ours", "peer", "llama", "vit"],
-                    help="what gets torch.compile (default: peer llama vit ours on CUDA, none on CPU)")  # fmt: skip
+                    help="what gets torch.compile (default on CUDA: peer llama; none on CPU)")  # fmt: skip
     ap.add_argument("--ssm", nargs="+", choices=["mamba1", "mamba2"], help="lm_vs_stock families")
     ap.add_argument("--repeat", type=int)
     ap.add_argument("--warmup", type=int)
@@ -1613,14 +1689,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     device = torch.device(dev)
     if device.type == "cuda":
-        torch.cuda.set_device(device)
+        if device.index is not None:
+            torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     else:
         torch.set_num_threads(min(2, os.cpu_count() or 1))
     args.bf16 = device.type == "cuda"
     if args.compile is None:
-        args.compile = ["peer", "llama", "vit", "ours"] if device.type == "cuda" else []
+        args.compile = ["peer", "llama"] if device.type == "cuda" else []
     plan = Plan.quick() if args.quick or device.type == "cpu" else Plan.gpu()
     if args.smoke:
         plan = smoke(plan)
