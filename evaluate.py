@@ -4,7 +4,7 @@
     python evaluate.py task=vqav2 results=R.json annotations=A.json questions=Q.json
     python evaluate.py mode=predict ckpt_path=CKPT image=photo.jpg question="what color is the circle?"
 
-The logic lives in ``vlm_mamba.evaluation``; ``conf/eval.yaml`` lists every option.
+The logic lives in ``vlm_mamba.evaluation.run``; ``conf/eval.yaml`` lists every option.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ os.environ.setdefault("VLM_MAMBA_ROOT", str(ROOT))
 def main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
-    from vlm_mamba.evaluation import run_eval, run_predict, run_score, user_errors
+    from vlm_mamba.evaluation.run import run_eval, run_predict, run_score, user_errors
 
     out_dir = Path(HydraConfig.get().runtime.output_dir)
     c = OmegaConf.to_container(cfg, resolve=True)

@@ -1,6 +1,6 @@
 """Train VLMamba: ``python train.py experiment=demo`` (see conf/train.yaml and the README).
 
-Thin on purpose: Hydra composes conf/, vlm_mamba.training builds and runs. Returns the metric named
+Thin on purpose: Hydra composes conf/, vlm_mamba.training.run builds and runs. Returns the metric named
 by ``optimized_metric`` so ``python train.py -m hparams_search=optuna`` can optimise it.
 """
 
@@ -14,7 +14,7 @@ os.environ.setdefault("VLM_MAMBA_ROOT", str(ROOT))
 import hydra  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from vlm_mamba.training import TrainingError, run  # noqa: E402
+from vlm_mamba.training.run import TrainingError, run  # noqa: E402
 
 
 @hydra.main(version_base="1.3", config_path=str(ROOT / "conf"), config_name="train")

@@ -32,8 +32,8 @@ from hydra import compose, initialize_config_dir
 from torch import nn
 
 from vlm_mamba import VLMamba
-from vlm_mamba.lit_module import param_groups, warmup_cosine
-from vlm_mamba.training import build_datamodule, model_config, register_resolvers, sync_tokenizer
+from vlm_mamba.training.optim import param_groups, warmup_cosine
+from vlm_mamba.training.run import build_datamodule, model_config, register_resolvers, sync_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 QUESTION_TYPES = ("what color", "what shape", "how many", "where is", "is there")

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 
 from vlm_mamba.config import VLMambaConfig
 from vlm_mamba.registry import get_config, list_models
-from vlm_mamba.training import ConfigError, instantiate_list, model_config
+from vlm_mamba.training.run import ConfigError, instantiate_list, model_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -95,14 +95,14 @@ def test_gpu_trainers_compose_with_bf16(tmp_path):
         cfg = _compose([f"trainer={name}"], tmp_path)
         assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.accelerator == "gpu"
     cfg = _compose(["trainer=fsdp"], tmp_path)
-    assert cfg.trainer.strategy._target_ == "vlm_mamba.training.fsdp_strategy"
+    assert cfg.trainer.strategy._target_ == "vlm_mamba.training.run.fsdp_strategy"
 
 
 def test_fsdp_strategy_wraps_blocks_and_checkpoints_them():
     from lightning.pytorch.strategies import FSDPStrategy
 
     from vlm_mamba.layers import Block
-    from vlm_mamba.training import fsdp_strategy
+    from vlm_mamba.training.run import fsdp_strategy
 
     s = fsdp_strategy(activation_checkpointing=True)
     assert isinstance(s, FSDPStrategy)
@@ -124,7 +124,7 @@ def test_loggers_instantiate(name, tmp_path):
 def test_default_callbacks_resume_and_monitor(tmp_path):
     from lightning.pytorch.callbacks import ModelCheckpoint, ThroughputMonitor
 
-    from vlm_mamba.callbacks import RNGStateCheckpoint
+    from vlm_mamba.training.callbacks import RNGStateCheckpoint
 
     cfg = _compose(["optimized_metric=val/CIDEr", "optimized_mode=max"], tmp_path)
     cbs = instantiate_list(cfg.callbacks, "callbacks")
@@ -152,7 +152,7 @@ def test_debug_presets(tmp_path):
     cfg = _compose(["debug=fast_dev_run"], tmp_path)
     assert cfg.trainer.fast_dev_run is True and cfg.trainer.accelerator == "cpu" and cfg.data.num_workers == 0
     cfg = _compose(["debug=overfit"], tmp_path)
-    assert cfg.callbacks.overfit._target_ == "vlm_mamba.callbacks.OverfitBatches"
+    assert cfg.callbacks.overfit._target_ == "vlm_mamba.training.callbacks.OverfitBatches"
     assert cfg.trainer.limit_val_batches == 0 and cfg.module.val_generation.enabled is False
 
 

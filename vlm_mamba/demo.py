@@ -120,10 +120,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from .data.shapes import build_shapes_dataset
-    from .evaluation import run_eval, summary
-    from .metrics import caption_metrics, vqa_accuracy
-    from .report import metrics_text
-    from .results import write_json_atomic
+    from .evaluation.formats import write_json_atomic
+    from .evaluation.metrics import caption_metrics, vqa_accuracy
+    from .evaluation.report import metrics_text
+    from .evaluation.run import run_eval
+    from .evaluation.tasks import summary
 
     out = Path(args.out).resolve()
     data_dir = Path(args.data_dir).resolve() if args.data_dir else out / "data"

@@ -18,6 +18,7 @@ is one smaller; the positions of later batches do not move, which exact resume r
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -214,3 +215,52 @@ class Processor:
             "prompt_mask": prompt_mask,
             **out,
         }
+
+
+def most_common(answers: list[str]) -> str:
+    """The plurality answer (first seen wins ties): VQAv2's ``multiple_choice_answer`` in spirit."""
+    from collections import Counter
+
+    return Counter(answers).most_common(1)[0][0] if answers else ""
+
+
+def teacher_forcing_batch(
+    batch: Mapping[str, Any], task: str, tokenizer: Any, max_text_len: int
+) -> dict[str, Any] | None:
+    """An evaluation batch -> the training layout, with its reference as the target.
+
+    Captions: each image's first reference; VQA: each question's most common answer, the image
+    repeated per question (``images[image_index]``). The sequence is the batch's own
+    ``[bos] prompt`` ids (left padding removed) + the target encoded as the collate function does
+    (``target_text``, EOS, cut at ``max_text_len``), so the loss measures exactly what training
+    optimises. Rows without a reference (a test split without answers) are dropped; None if none is left.
+    """
+    if task == "caption":
+        targets = [refs[0] if refs else "" for refs in batch["references"]]
+        rows = torch.arange(len(targets))
+    else:
+        targets = [most_common(list(a)) for a in batch["answers"]]
+        rows = batch["image_index"].cpu()
+    keep = [i for i, t in enumerate(targets) if t]
+    if not keep:
+        return None
+    seqs, labels = [], []
+    for i in keep:
+        p = batch["prompt_ids"][i][batch["prompt_mask"][i].bool()].tolist()  # [bos] prompt
+        tgt = tokenizer.encode(target_text(targets[i], "x" if len(p) > 1 else "")) + [tokenizer.eos_token_id]
+        tgt = tgt[: max(1, max_text_len - len(p))]
+        seqs.append(p + tgt)
+        labels.append([IGNORE_INDEX] * len(p) + tgt)
+    dev = batch["prompt_ids"].device
+    input_ids, attention_mask = pad_right(seqs, tokenizer.pad_token_id)
+    lab, _ = pad_right(labels, IGNORE_INDEX)
+    idx = rows[keep].to(batch["images"].device)
+    out = {
+        "images": batch["images"].index_select(0, idx),
+        "input_ids": input_ids.to(dev),
+        "attention_mask": attention_mask.to(dev),
+        "labels": lab.to(dev),
+    }
+    if batch.get("image_sizes") is not None:
+        out["image_sizes"] = batch["image_sizes"].index_select(0, idx.to(batch["image_sizes"].device))
+    return out

@@ -9,7 +9,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlm_mamba.report import draw_predictions, metrics_table, metrics_text, sample_lines, write_html
+from vlm_mamba.evaluation.report import (
+    draw_predictions,
+    metrics_table,
+    metrics_text,
+    sample_lines,
+    write_html,
+)
 
 
 def _samples(tmp_path):

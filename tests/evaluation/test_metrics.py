@@ -19,8 +19,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vlm_mamba import metrics as M
-from vlm_mamba.metrics import (
+from vlm_mamba.evaluation.metrics import captions as M
+from vlm_mamba.evaluation.formats import (
+    AnnotationError,
+    ResultsError,
+    load_caption_annotations,
+    load_vqa_annotations,
+    validate_caption_results,
+    validate_vqa_results,
+    write_metrics,
+)
+from vlm_mamba.evaluation.metrics import (
     CaptionMetricError,
     JavaNotFoundError,
     caption_metrics,
@@ -33,17 +42,8 @@ from vlm_mamba.metrics import (
     vqa_accuracy,
     vqa_question_accuracy,
 )
-from vlm_mamba.results import (
-    AnnotationError,
-    ResultsError,
-    load_caption_annotations,
-    load_vqa_annotations,
-    validate_caption_results,
-    validate_vqa_results,
-    write_metrics,
-)
 
-FIX = Path(__file__).parent / "fixtures"
+FIX = Path(__file__).parents[1] / "fixtures"
 VQA_ANN, VQA_QUES, VQA_RES = (
     FIX / "vqa_annotations.json",
     FIX / "vqa_questions.json",

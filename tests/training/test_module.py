@@ -15,9 +15,10 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from vlm_mamba.callbacks import RNGStateCheckpoint, get_rng_state, set_rng_state
-from vlm_mamba.lit_module import VLMambaLitModule, param_groups, warmup_cosine
 from vlm_mamba.registry import get_config
+from vlm_mamba.training.callbacks import RNGStateCheckpoint, get_rng_state, set_rng_state
+from vlm_mamba.training.module import VLMambaLitModule
+from vlm_mamba.training.optim import param_groups, warmup_cosine
 
 
 def _batch(gen: torch.Generator, b: int = 2, t: int = 6, img: int = 32, vocab: int = 512) -> dict:
@@ -247,7 +248,7 @@ def test_a_checkpoint_evaluates_without_the_pretrained_directory(tmp_path):
     checkpoint alone: the pretrained directory it was initialised from may be gone."""
     import shutil
 
-    from vlm_mamba.evaluation import load_model
+    from vlm_mamba.evaluation.run import load_model
 
     _, path = _hf_language_dir(tmp_path)
     module = VLMambaLitModule(get_config("tiny", lora={"rank": 2}), pretrained_language=str(path))

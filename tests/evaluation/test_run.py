@@ -15,7 +15,7 @@ from vlm_mamba.data.shapes import build_shapes_dataset
 from vlm_mamba.data.tokenizer import TextTokenizer
 from vlm_mamba.demo import caption_baseline, vqa_baseline
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _run(*args: str, cwd=ROOT) -> subprocess.CompletedProcess:
@@ -163,9 +163,9 @@ def test_trivial_baselines():
 def test_evaluate_reports_bad_input_in_one_line_but_not_internal_errors():
     """evaluate.py turns the project's input errors into one line; a CUDA error or a bug is no
     input error and keeps its traceback (a bare RuntimeError used to be swallowed too)."""
-    from vlm_mamba.evaluation import user_errors
-    from vlm_mamba.metrics import JavaNotFoundError
-    from vlm_mamba.results import ResultsError
+    from vlm_mamba.evaluation.formats import ResultsError
+    from vlm_mamba.evaluation.metrics import JavaNotFoundError
+    from vlm_mamba.evaluation.run import user_errors
 
     caught = user_errors()
     for err in (

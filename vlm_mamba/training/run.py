@@ -24,7 +24,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from pydantic import ValidationError
 
-from .config import VLMambaConfig
+from ..config import VLMambaConfig
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ def fsdp_strategy(
     wrap unit and, optionally, the activation-checkpointing unit (``trainer=fsdp``)."""
     from lightning.pytorch.strategies import FSDPStrategy
 
-    from .layers import Block
+    from ..layers import Block
 
     policy = {Block}
     return FSDPStrategy(
@@ -287,7 +287,7 @@ def build_datamodule(cfg: DictConfig) -> L.LightningDataModule:
 
 def check_prepared(dm: Any, splits: Sequence[str]) -> None:
     """Raise FileNotFoundError naming the first missing manifest, shard or tokenizer of ``dm``."""
-    from .data.shards import read_manifest, split_dir
+    from ..data.shards import read_manifest, split_dir
 
     datasets = [getattr(dm, a) for a in ("caption_dataset", "vqa_dataset") if hasattr(dm, a)]
     datasets = datasets or [dm.dataset]

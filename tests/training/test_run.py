@@ -1,6 +1,6 @@
 """train.py end to end on a small generated shapes dataset with the `tiny` model.
 
-In-process runs compose conf/ with Hydra's compose API and call ``vlm_mamba.training.train``;
+In-process runs compose conf/ with Hydra's compose API and call ``vlm_mamba.training.run.train``;
 multirun, the 2-process DDP run and the missing-data message run ``train.py`` as a subprocess
 (Lightning's DDP launcher re-runs the command line, so it cannot start inside pytest's process).
 """
@@ -17,9 +17,9 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from vlm_mamba.training import MissingDataError, train
+from vlm_mamba.training.run import MissingDataError, train
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONF = ROOT / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
 
