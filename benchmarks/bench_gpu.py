@@ -83,12 +83,20 @@ from vlm_mamba.ops import cuda_unavailable_reason, kernel_family  # noqa: E402
 GiB = 2**30
 PEAK_FLOPS = 989e12  # H100/H200 SXM bf16 dense, datasheet
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("lm_vs_stock", "arch", "lengths", "decode", "vision", "vqa")
+SECTIONS = ("lm_vs_stock", "arch", "lengths", "decode", "prefill", "vision", "vqa")
 BATCH_KINDS = {
     "caption": "image + 20-40 text tokens (uniform), right padded to 40, every real token labelled",
     "vqa": "image + 8-16 prompt tokens + 1-3 answer tokens, right padded to 19, the answer labelled",
 }
-SECTION_WEIGHT = {"lm_vs_stock": 2.5, "arch": 2.5, "lengths": 1.2, "decode": 2.5, "vision": 0.7, "vqa": 0.4}
+SECTION_WEIGHT = {
+    "lm_vs_stock": 2.5,
+    "arch": 2.5,
+    "lengths": 1.2,
+    "decode": 2.5,
+    "prefill": 0.8,
+    "vision": 0.7,
+    "vqa": 0.4,
+}
 
 
 # ----------------------------------------------------------------------------------- the plan
@@ -111,6 +119,9 @@ class Plan:
     vision_patches: int  # patches per step (batch = this / patches per image)
     vqa_images: int
     vqa_questions: int
+    prefill_batches: list[int] = field(default_factory=lambda: [1, 8])
+    prefill_state_lengths: list[int] = field(default_factory=lambda: [256, 1024, 4096])
+    prefill_vlm_lengths: list[int] = field(default_factory=lambda: [256, 1024, 4096, 16384])
     warmup: int = 2
     repeat: int = 3
     memory_budget_gib: float = 100.0  # decoding state / KV cache
@@ -158,6 +169,9 @@ class Plan:
             warmup=1,
             repeat=2,
             prefill_token_budget=4096,
+            prefill_batches=[1, 2],
+            prefill_state_lengths=[16, 64],
+            prefill_vlm_lengths=[16, 64],
         )
 
 
@@ -413,13 +427,22 @@ class Suite:
         return f"{head}: " + ", ".join(bits)
 
     def timed(
-        self, fn: Callable[[], Any], resident: int, warmup: int | None = None, repeat: int | None = None
+        self,
+        fn: Callable[[], Any],
+        resident: int,
+        warmup: int | None = None,
+        repeat: int | None = None,
+        reset: Callable[[], Any] | None = None,
     ) -> dict:
-        """Median of ``repeat`` timed calls after ``warmup``; peak over the timed calls (see module doc)."""
+        """Median of ``repeat`` timed calls after ``warmup``; peak over the timed calls (see module doc).
+        ``reset`` (e.g. ``zero_grad``) runs before the memory baseline, so gradients left by the warm-up
+        are not counted as live before the timed calls."""
         warmup = self.plan.warmup if warmup is None else warmup
         repeat = self.plan.repeat if repeat is None else repeat
         for _ in range(warmup):
             fn()
+        if reset is not None:
+            reset()
         p = self.probe
         p.sync()
         if self.cuda:
@@ -636,7 +659,9 @@ class Suite:
                                 loss = out.logits.float().logsumexp(-1).mean()
                             loss.backward()
 
-                        r = self.timed(step, model_bytes(model))
+                        r = self.timed(
+                            step, model_bytes(model), reset=lambda: model.zero_grad(set_to_none=True)
+                        )
                         model.zero_grad(set_to_none=True)
                         r["tokens_per_s"] = b * T / (r["median_ms"] / 1e3)
                         r["mfu"] = self.mfu(n_params(model), r["tokens_per_s"])
@@ -794,7 +819,12 @@ class Suite:
         step()  # first call: compilation, optimizer state
         self.probe.sync()
         first_s = time.perf_counter() - t
-        r = self.timed(step, model_bytes(model) + optimizer_bytes(opt), warmup=max(self.plan.warmup - 1, 0))
+        r = self.timed(
+            step,
+            model_bytes(model) + optimizer_bytes(opt),
+            warmup=max(self.plan.warmup - 1, 0),
+            reset=lambda: model.zero_grad(set_to_none=True),
+        )
         r["first_call_s"] = first_s
         r["tokens_per_s"] = tokens / (r["median_ms"] / 1e3)
         r["mfu"] = self.mfu(params, r["tokens_per_s"])
@@ -892,8 +922,21 @@ class Suite:
         for T in P.lm_lengths:
             b = max(1, P.lm_tokens // T)
             ids = torch.randint(1, P.lm["vocab_size"], (b, T)).to(self.device)
+            own_loss = "labels" in inspect.signature(ours.forward).parameters
             for who, model in (("llama", llama), ("ours", ours)):
-                for compiled in (False, True):
+                for compiled in (False, True) + (("own_loss",) if who == "ours" and own_loss else ()):
+                    if compiled == "own_loss":  # a fused head + loss (issue 15) reached through labels=
+                        rec = {"section": "arch", "case": f"lm T={T}", "model": who, "variant": "eager, labels= (model's loss)",
+                               "batch": b, "length": T, "tokens_per_step": b * T, "step": "forward + backward + fused AdamW step",
+                               "loss": "the model's own loss from labels=ids"}  # fmt: skip
+
+                        def own(x, model=model):
+                            with self.amp():
+                                return model(x, labels=x).loss
+
+                        self.case(rec, lambda model=model, ids=ids, b=b, T=T, own=own: self._train_case(
+                            model, lambda: own(ids), b * T, n_params(model)))  # fmt: skip
+                        continue
                     rec = {"section": "arch", "case": f"lm T={T}", "model": who,
                            "variant": "compiled" if compiled else "eager", "batch": b, "length": T,
                            "tokens_per_step": b * T, "step": "forward + backward + fused AdamW step",
@@ -1122,6 +1165,68 @@ class Suite:
         )
         return {"relative_error_fp32": rel, "graph": dec.graph_ok}
 
+    # ------------------------------------------------------------------ 4b. prefill
+    def prefill(self) -> None:
+        """A prompt prefilled from a cached image state against the same tokens from a zero state (the
+        language model alone, state returned, head on the last position), and the VLM's prefill
+        (``generate(max_new_tokens=1)``: image, prompt, first token) against the peer's."""
+        P = self.plan
+        ours, peer, _ = self.vlm_pair()
+        cfg = get_config(P.vlm_size)
+        ours, amp, wdesc = self.inference_weights(ours, self.vlm_probe)
+        peer = peer.to(torch.bfloat16).eval() if self.cuda else peer.eval()
+        lm, dt, s = ours.language, next(ours.parameters()).dtype, cfg.vision.img_size
+        V = cfg.language.vocab_size
+
+        def ctx():
+            return self.amp() if amp else contextlib.nullcontext()
+
+        for b in P.prefill_batches:
+            images = torch.randn(b, 3, s, s, device=self.device, dtype=dt)
+            with torch.no_grad(), ctx():
+                state = ours.prefill_images(images)
+            for t in P.prefill_state_lengths:
+                ids = torch.randint(1, V, (b, t), device=self.device)
+                for variant in ("from_image_state", "from_zero_state"):
+                    rec = {"section": "prefill_state", "case": f"b={b} t={t}", "model": "ours", "variant": variant,
+                           "batch": b, "length": t, "weights": wdesc,
+                           "what": "LanguageMamba(inputs_embeds=prompt, state=image state or None, return_state=True, "
+                           "logits='last'); the image's own prefill is not timed"}  # fmt: skip
+
+                    def run(ids=ids, st=state if variant == "from_image_state" else None):
+                        with torch.no_grad(), ctx():
+                            return lm(inputs_embeds=lm.embed(ids), state=st, return_state=True, logits="last")
+
+                    def measure(run=run, b=b, t=t):
+                        r = self.timed(run, model_bytes(lm))
+                        r["tokens_per_s"] = b * t / (r["median_ms"] / 1e3)
+                        return r
+
+                    self.case(rec, measure)
+            del state
+            for t in P.prefill_vlm_lengths:
+                ids = torch.randint(1, V, (b, t), device=self.device)
+                for who, model in (("peer", peer), ("ours", ours)):
+                    rec = {"section": "prefill_vlm", "case": f"b={b} t={t}", "model": who, "batch": b, "length": t,
+                           "weights": wdesc if who == "ours" else "bf16 weights", "tokens_per_step": b * (t + cfg.vision.num_patches),
+                           "what": "generate(images, prompt, max_new_tokens=1): image encoding, prefill, first token "
+                           "(the peer eager, SDPA)"}  # fmt: skip
+
+                    def measure(model=model, who=who, ids=ids, images=images, b=b, t=t):
+                        x = images.to(next(model.parameters()).dtype)
+
+                        def run():
+                            with torch.no_grad(), ctx() if who == "ours" else contextlib.nullcontext():
+                                if who == "ours":
+                                    return model.generate(x, ids, max_new_tokens=1, eos_token_id=None)
+                                return model.generate(x, ids, max_new_tokens=1)
+
+                        r = self.timed(run, model_bytes(model))
+                        r["tokens_per_s"] = b * (t + cfg.vision.num_patches) / (r["median_ms"] / 1e3)
+                        return r
+
+                    self.case(rec, measure)
+
     # ------------------------------------------------------------------ 5. vision encoders
     def vision(self) -> None:
         P = self.plan
@@ -1170,7 +1275,12 @@ class Suite:
                         run()
                         self.probe.sync()
                         first = time.perf_counter() - t
-                        r = self.timed(run, model_bytes(model), warmup=max(self.plan.warmup - 1, 0))
+                        r = self.timed(
+                            run,
+                            model_bytes(model),
+                            warmup=max(self.plan.warmup - 1, 0),
+                            reset=lambda: model.zero_grad(set_to_none=True),
+                        )
                         model.zero_grad(set_to_none=True)
                         r["first_call_s"] = first
                         r["images_per_s"] = b / (r["median_ms"] / 1e3)
@@ -1592,6 +1702,20 @@ def summarize(records: list[dict]) -> dict:
                            "ours_ttft_ms": r["ttft_ms"], "ref_ttft_ms": (ref or {}).get("ttft_ms"),
                            "ours_state_bytes": r["state_bytes"], "ref_state_bytes": (ref or {}).get("state_bytes"),
                            "ours_hbm_fraction": r.get("hbm_fraction"), "ref_hbm_fraction": (ref or {}).get("hbm_fraction")})  # fmt: skip
+    for r in records:
+        if r["section"] == "prefill_state" and r["variant"] == "from_image_state":
+            ref = _get(records, section="prefill_state", case=r["case"], variant="from_zero_state")
+            add(
+                "prompt prefill: from the image state vs from zero",
+                r["case"],
+                r,
+                ref,
+                "tokens_per_s",
+                "zero state",
+            )
+        if r["section"] == "prefill_vlm" and r["model"] == "ours":
+            ref = _get(records, section="prefill_vlm", case=r["case"], model="peer")
+            add("VLM prefill (generate 1 token) vs peer", r["case"], r, ref, "tokens_per_s", "peer")
     o, p = (
         _get(records, section="decode_vlm", model="vlm_generate"),
         _get(records, section="decode_vlm", model="lm_alone"),
@@ -1606,7 +1730,21 @@ def summarize(records: list[dict]) -> dict:
         "questions_per_s", "ours recompute")  # fmt: skip
     add("VQA: ours cache vs peer", "peer recomputes", c, _get(records, section="vqa", model="peer"),
         "questions_per_s", "peer")  # fmt: skip
-    return {"rows": rows, "scaling": scaling}
+    lead = [
+        {"batch": r["batch"], "context": r["context"], "ours_over_llama_decode_tokens_per_s": x["ratio"]}
+        for x in rows
+        if x["topic"].startswith("decode vs llama")
+        for r in [_get(records, section="decode", case=x["case"], model="ours", ssm="mamba1")]
+        if r is not None and x["ratio"] is not None
+    ]
+    decode_lead = {
+        "cases": lead,
+        "ours_leads_at": [
+            (c["batch"], c["context"]) for c in lead if c["ours_over_llama_decode_tokens_per_s"] > 1
+        ],
+        "note": "decode-phase tokens/s of ours (Mamba-1) over Llama (static KV cache, CUDA graph) per (batch, context)",
+    }
+    return {"rows": rows, "scaling": scaling, "decode_lead_vs_llama": decode_lead}
 
 
 def print_summary(summary: dict, env: dict) -> None:
