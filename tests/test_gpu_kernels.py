@@ -171,8 +171,8 @@ def _mixer_pair(kind, seed=0, **kw):
         if kind == "mamba1":
             m = MambaMixer(64, d_state=16, d_conv=4, expand=2, kernel=kernel, device=DEV, **kw)
         else:
-            m = Mamba2Mixer(
-                64, d_state=32, d_conv=4, expand=2, headdim=16, ngroups=2, chunk_size=32, kernel=kernel,
+            m = Mamba2Mixer(  # the SSD test's shape: triton autotunes once per shape (minutes each)
+                64, d_state=32, d_conv=4, expand=2, headdim=16, ngroups=2, chunk_size=64, kernel=kernel,
                 device=DEV, **kw,
             )  # fmt: skip
         with torch.no_grad():  # away from the tidy init values, so a wrong formula shows
@@ -328,9 +328,10 @@ def test_lora_dropout_applies_on_the_fused_path(kind, target):
 
 def _lm_pair(ssm, **kw):
     torch.manual_seed(0)
-    cfg = LanguageConfig(
-        d_model=64, n_layers=2, vocab_size=300, ssm=ssm, headdim=16, d_state=16, chunk_size=16, **kw
-    )
+    cfg = LanguageConfig(  # Mamba-2: the SSD test's shape again (one autotuning)
+        d_model=64, n_layers=2, vocab_size=300, ssm=ssm, headdim=16, ngroups=2, chunk_size=64,
+        d_state=32 if ssm == "mamba2" else 16, **kw,
+    )  # fmt: skip
     lm = LanguageMamba(cfg).to(DEV)
     with torch.no_grad():
         for name, p in lm.named_parameters():

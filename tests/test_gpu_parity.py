@@ -33,10 +33,8 @@ MAMBA1_CASES = [  # (config, batch, length): the CPU suite's cases plus one at a
     (dict(hidden_size=16, state_size=4, conv_kernel=2, num_hidden_layers=3), 1, 33),
     (dict(hidden_size=128, state_size=16), 2, 300),
 ]
-MAMBA2_CASES = [
-    (dict(hidden_size=32, state_size=12, num_heads=8, head_dim=8, n_groups=2, chunk_size=8), 3, 13),
-    (dict(hidden_size=16, state_size=16, num_heads=2, head_dim=16, n_groups=1, conv_kernel=2, tie_word_embeddings=True), 2, 7),
-    (dict(hidden_size=16, state_size=5, num_heads=4, head_dim=8, n_groups=4, chunk_size=4, use_bias=True), 2, 21),
+MAMBA2_CASES = [  # fewer than on the CPU: each new shape costs the SSD kernels' autotuning (minutes)
+    (dict(hidden_size=32, state_size=12, num_heads=8, head_dim=8, n_groups=2, chunk_size=8, use_bias=True), 3, 13),
     (dict(hidden_size=128, state_size=64, num_heads=4, head_dim=64, n_groups=1, chunk_size=64), 2, 300),
 ]  # fmt: skip
 
