@@ -29,6 +29,7 @@ from ..generation import GenerationConfig, decode
 from ..layers.bridger import BridgerFFN
 from ..layers.lora import inject_lora, lora_modules, merge_lora, unmerge_lora
 from ..layers.patch_embed import FuyuPatchProjection
+from ..ops.linear_ce import linear_cross_entropy
 from .language import LanguageMamba
 from .vision import VisionMamba
 
@@ -47,7 +48,7 @@ class VLMambaOutput:
     """``logits`` (b, t, V): the language model's output at each text position (predicting the
     next token); ``loss``: mean cross-entropy over target tokens (labels != -100)."""
 
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # None with return_logits=False
     loss: torch.Tensor | None = None  # (b, t) with loss_reduction="none"
 
 
@@ -149,6 +150,7 @@ class VLMamba(nn.Module):
         labels: torch.Tensor | None = None,
         image_sizes: torch.Tensor | None = None,
         loss_reduction: str = "token",
+        return_logits: bool = True,
     ) -> VLMambaOutput:
         """Teacher-forced pass over [image][text] (or [prompt][image][target]).
 
@@ -162,6 +164,8 @@ class VLMamba(nn.Module):
                 each sequence's target tokens, then over the sequences, so every example weighs the
                 same whatever its length (task mixes of captions and short answers); ``"none"``: the
                 (b, t) cross-entropy of each text token (0 where it is no target), for analysis.
+            return_logits: False skips the (b, t, V) logits (training reads only the loss, whose
+                head runs on the target positions alone); ``logits`` is then None.
         """
         if loss_reduction not in (*LOSS_REDUCTIONS, "none"):
             raise ValueError(
@@ -180,17 +184,17 @@ class VLMamba(nn.Module):
         hidden = self.language(
             inputs_embeds=emb, attention_mask=_none_if_all(mask), logits="none"
         ).hidden_states  # (b, l, d)
-        text_hidden = _gather_time(hidden, text_pos)  # (b, t, d)
-        logits = self.language._logits(text_hidden)  # (b, t, V)
+        logits = None
+        if return_logits:
+            logits = self.language._logits(_gather_time(hidden, text_pos))  # (b, t, V)
         loss = None
         if labels is not None:
-            loss = self._loss(hidden, logits, text_pos, mask, labels, loss_reduction)
+            loss = self._loss(hidden, text_pos, mask, labels, loss_reduction)
         return VLMambaOutput(logits=logits, loss=loss)
 
     def _loss(
         self,
         hidden: torch.Tensor,
-        logits: torch.Tensor,
         text_pos: torch.Tensor,
         mask: torch.Tensor,
         labels: torch.Tensor,
@@ -199,38 +203,33 @@ class VLMamba(nn.Module):
         """Cross-entropy over target tokens (labels != -100), reduced per ``reduction`` (see forward).
 
         Text token k is predicted by the last *real* position before it (``mask`` (b, l) of the
-        interleaved sequence). Mostly that is text token k-1, whose logits are already computed, so
-        the LM head runs once; where the image sits in between ([prompt][image][target], or a
-        labelled first token) it is the last real image token, and only those few rows go through
-        the head again. A padded slot must never predict: the language model moves pads after the
-        real tokens (``ops.compact_by_mask``), so a pad's output has read the whole row, targets
-        included (a fuyu canvas smaller than its grid ends in such slots).
+        interleaved sequence): mostly text token k-1; where the image sits in between
+        ([prompt][image][target], or a labelled first token) the last real image token. A padded
+        slot must never predict: the language model moves pads after the real tokens
+        (``ops.compact_by_mask``), so a pad's output has read the whole row, targets included (a
+        fuyu canvas smaller than its grid ends in such slots).
+
+        The head runs on the predicting positions of target tokens only (a VQA batch is mostly
+        prompt), through ``ops.linear_cross_entropy``, which never holds the logits of all of them
+        at once; the reductions are its row weights.
         """
         target = labels != -100  # (b, t)
         pred = _previous_real(mask).gather(1, text_pos)  # (b, t) position predicting each text token
-        regular = torch.zeros_like(target)
-        regular[:, 1:] = pred[:, 1:] == text_pos[:, :-1]  # predicted by logits[:, k-1]
-        regular &= target
-        irregular = target & ~regular & (pred >= 0)  # predicted by the last real image token
-        ce = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)  # (b, t)
-        ce[regular] = F.cross_entropy(
-            logits[:, :-1][regular[:, 1:]].float(), labels[regular], reduction="none"
-        )
-        if irregular.any():
-            h = _gather_time(hidden, pred.clamp_min(0))[irregular]  # (m, d)
-            ce[irregular] = F.cross_entropy(
-                self.language._logits(h).float(), labels[irregular], reduction="none"
-            )
+        scored = target & (pred >= 0)
+        h = _gather_time(hidden, pred.clamp_min(0))[scored]  # (m, d)
+        y = labels[scored]  # (m,)
         if reduction == "none":
+            ce = torch.zeros(labels.shape, dtype=torch.float32, device=labels.device)  # (b, t)
+            ce[scored] = F.cross_entropy(self.language._logits(h).float(), y, reduction="none")
             return ce
-        scored = regular | irregular
-        if not scored.any():
-            return logits.sum() * 0.0
-        if reduction == "token":
-            return ce[scored].mean()
         count = scored.sum(1)  # (b,) target tokens per sequence
-        has = count > 0
-        return (ce.sum(1)[has] / count[has]).mean()
+        if reduction == "token":
+            weight = torch.full(y.shape, 1.0, device=y.device) / count.sum().clamp_min(1)
+        else:  # "sample": each sequence with a target weighs the same
+            rows_with_targets = (count > 0).sum().clamp_min(1)
+            weight = (1.0 / (count.clamp_min(1) * rows_with_targets))[:, None].expand_as(labels)[scored]
+        head = self.language.lm_head.weight[: self.config.language.vocab_size]  # (V, d), padded rows cut
+        return linear_cross_entropy(h, head, y, weight)
 
     def _text_before_image(self, tmask: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """(b,) number of text positions placed before the image tokens."""

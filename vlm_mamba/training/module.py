@@ -223,6 +223,7 @@ class VLMambaLitModule(L.LightningModule):
             labels=batch.get("labels"),
             image_sizes=batch.get("image_sizes"),
             loss_reduction=loss_reduction,
+            return_logits=False,  # only the loss is read: the head runs on target positions alone
         )
 
     def training_step(self, batch: Mapping[str, Any], batch_idx: int):
