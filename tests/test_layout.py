@@ -1,8 +1,8 @@
 """The package's import rules, read from the source with ``ast`` (function-level imports included).
 
-    ops -> layers -> models -> evaluation -> training      (each may import those to its left)
-    data knows no model; evaluation never imports training; ops/layers/models/evaluation never
-    import Lightning; nothing imports the deprecated aliases (vlm_mamba/lit_module.py, ...); no cycles.
+ops -> layers -> models -> evaluation -> training      (each may import those to its left)
+data knows no model; evaluation never imports training; ops/layers/models/evaluation never
+import Lightning; nothing imports the deprecated aliases (vlm_mamba/lit_module.py, ...); no cycles.
 """
 
 from __future__ import annotations

@@ -96,3 +96,32 @@ def test_vlm_loss_gradients_equal_cross_entropy_over_full_logits(reduction):
             assert a is None and b is None, name
             continue
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("padding", ["none", "right", "left"])
+def test_language_model_labels_loss_equals_shifted_cross_entropy(padding):
+    """LanguageMamba(labels=...): the mean next-token CE over labelled real positions, values and
+    gradients equal to the plain head + CE over its full logits; no logits are returned."""
+    from vlm_mamba.config import LanguageConfig
+    from vlm_mamba.models.language import LanguageMamba
+
+    torch.manual_seed(0)
+    lm = LanguageMamba(LanguageConfig(vocab_size=97, d_model=32, n_layers=2, d_state=8))
+    ids = torch.randint(0, 97, (3, 11))
+    mask = torch.ones(3, 11, dtype=torch.bool)
+    if padding == "right":
+        mask[0, 8:] = False
+    elif padding == "left":
+        mask[1, :4] = False
+    labels = ids.masked_fill(~mask, -100)
+    out = lm(ids, attention_mask=mask, labels=labels)
+    assert out.logits is None
+    params = [p for p in lm.parameters() if p.requires_grad]
+    g = torch.autograd.grad(out.loss, params)
+    full = lm(ids, attention_mask=mask).logits  # (b,l,V)
+    # rows are contiguous runs of real tokens here, so position t-1 predicts t where both are real
+    keep = mask[:, 1:] & mask[:, :-1]
+    ref = torch.nn.functional.cross_entropy(full[:, :-1][keep], labels[:, 1:][keep])
+    torch.testing.assert_close(out.loss, ref, atol=1e-6, rtol=1e-6)
+    for a, b in zip(g, torch.autograd.grad(ref, params)):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vlm_mamba.evaluation.metrics import captions as M
 from vlm_mamba.evaluation.formats import (
     AnnotationError,
     ResultsError,
@@ -42,6 +41,7 @@ from vlm_mamba.evaluation.metrics import (
     vqa_accuracy,
     vqa_question_accuracy,
 )
+from vlm_mamba.evaluation.metrics import captions as M
 
 FIX = Path(__file__).parents[1] / "fixtures"
 VQA_ANN, VQA_QUES, VQA_RES = (

@@ -44,6 +44,7 @@ class LMOutput:
     )  # (b,l,V) from forward (None for logits="none"), (b,V) from step; padded rows sliced off
     state: InferenceState | None = None  # final recurrent state (forward with return_state, step)
     hidden_states: Tensor | None = None  # (b,l,d) or (b,d), after the final norm
+    loss: Tensor | None = None  # forward with labels: mean next-token cross-entropy
 
 
 class LanguageMamba(nn.Module):
@@ -119,17 +120,25 @@ class LanguageMamba(nn.Module):
         attention_mask: Tensor | None = None,
         state: InferenceState | None = None,
         return_state: bool = False,
-        logits: str = "all",
+        logits: str | None = None,
+        labels: Tensor | None = None,
     ) -> LMOutput:
-        """input_ids (b,l) or inputs_embeds (b,l,d) -> LMOutput(logits (b,l,V), state, hidden_states).
+        """input_ids (b,l) or inputs_embeds (b,l,d) -> LMOutput(logits (b,l,V), state, hidden_states, loss).
 
         ``logits``: ``"all"`` positions, only the ``"last"`` (b,1,V) (prefill before decoding), or
         ``"none"`` (callers that apply the head to a subset of ``hidden_states``): the head is the
         largest matmul at small widths, so computing it where nobody reads it is the main waste.
+        Default: ``"all"``, or ``"none"`` when ``labels`` are given.
+
+        ``labels`` (b,l), aligned with the input (the model shifts), -100 = no target: ``loss`` is
+        the mean next-token cross-entropy, each target predicted by the last real position before
+        it, computed by ``ops.linear_cross_entropy`` (the head on labelled positions only, in row
+        chunks: no (b,l,V) logits).
 
         attention_mask (b,l), 1/True = real: a 0 position is an identity step for every layer (its
         logits are meaningless). ``state`` continues from a previous prefill or step.
         """
+        logits = logits or ("none" if labels is not None else "all")
         if logits not in ("all", "last", "none"):
             raise ValueError(f"logits={logits!r}: expected 'all', 'last' or 'none'")
         if (input_ids is None) == (inputs_embeds is None):
@@ -166,7 +175,18 @@ class LanguageMamba(nn.Module):
         if inverse is not None:
             h = ops.gather_time(h, inverse)  # back to the input's positions
         out = self._logits(h) if logits == "all" else self._logits(h[:, -1:]) if logits == "last" else None
-        return LMOutput(out, InferenceState(new_states) if return_state else None, h)
+        loss = None if labels is None else self.loss(h, labels, attention_mask)
+        return LMOutput(out, InferenceState(new_states) if return_state else None, h, loss)
+
+    def loss(self, h: Tensor, labels: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Mean next-token cross-entropy from hidden states h (b,l,d) (see ``forward``'s ``labels``)."""
+        if labels.shape != h.shape[:2]:
+            raise ValueError(f"labels have shape {tuple(labels.shape)}, expected {tuple(h.shape[:2])}")
+        real = torch.ones_like(labels, dtype=torch.bool) if attention_mask is None else attention_mask.bool()
+        pred = ops.previous_real(real)  # (b,l) the position predicting each token
+        target = (labels != -100) & real & (pred >= 0)
+        hs = ops.gather_time(h, pred.clamp_min(0))[target]  # (m,d)
+        return ops.linear_cross_entropy(hs, self.lm_head.weight[: self.config.vocab_size], labels[target])
 
     def step(
         self,

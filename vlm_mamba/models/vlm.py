@@ -24,12 +24,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from ..config import VLMambaConfig
 from ..generation import GenerationConfig, decode
 from ..layers.bridger import BridgerFFN
 from ..layers.lora import inject_lora, lora_modules, merge_lora, unmerge_lora
 from ..layers.patch_embed import FuyuPatchProjection
-from ..ops.linear_ce import linear_cross_entropy
 from .language import LanguageMamba
 from .vision import VisionMamba
 
@@ -214,7 +214,7 @@ class VLMamba(nn.Module):
         at once; the reductions are its row weights.
         """
         target = labels != -100  # (b, t)
-        pred = _previous_real(mask).gather(1, text_pos)  # (b, t) position predicting each text token
+        pred = ops.previous_real(mask).gather(1, text_pos)  # (b, t) position predicting each text token
         scored = target & (pred >= 0)
         h = _gather_time(hidden, pred.clamp_min(0))[scored]  # (m, d)
         y = labels[scored]  # (m,)
@@ -229,7 +229,7 @@ class VLMamba(nn.Module):
             rows_with_targets = (count > 0).sum().clamp_min(1)
             weight = (1.0 / (count.clamp_min(1) * rows_with_targets))[:, None].expand_as(labels)[scored]
         head = self.language.lm_head.weight[: self.config.language.vocab_size]  # (V, d), padded rows cut
-        return linear_cross_entropy(h, head, y, weight)
+        return ops.linear_cross_entropy(h, head, y, weight)
 
     def _text_before_image(self, tmask: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
         """(b,) number of text positions placed before the image tokens."""
@@ -324,7 +324,7 @@ class VLMamba(nn.Module):
             out = lm(inputs_embeds=emb, attention_mask=_none_if_all(mask), return_state=True, logits="none")
             # the last real position predicts the first new token: with text_first a fuyu canvas can
             # end in padded slots, whose outputs are no prediction (see _loss)
-            last_real = _previous_real(F.pad(mask, (0, 1), value=True))[:, -1].clamp_min(0)  # (b,)
+            last_real = ops.previous_real(F.pad(mask, (0, 1), value=True))[:, -1].clamp_min(0)  # (b,)
             out.logits = lm._logits(_gather_time(out.hidden_states, last_real[:, None]))  # (b, 1, V)
         last = out.logits[:, -1]  # (b, V): left padding puts every row's last real token last
 
@@ -495,13 +495,6 @@ def center_images(images: torch.Tensor, image_sizes: torch.Tensor | None = None)
 def _none_if_all(mask: torch.Tensor) -> torch.Tensor | None:
     """Masks that mark every position real are dropped: the unmasked kernels are faster."""
     return None if bool(mask.all()) else mask
-
-
-def _previous_real(mask: torch.Tensor) -> torch.Tensor:
-    """mask (b, l) -> (b, l): the index of the last True position strictly before each one, -1 if none."""
-    pos = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
-    last_at_or_before = torch.where(mask, pos, -1).cummax(dim=1).values  # (b, l)
-    return F.pad(last_at_or_before[:, :-1], (1, 0), value=-1)
 
 
 def _gather_time(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

@@ -33,7 +33,8 @@ from torch import Tensor
 
 from vlm_mamba.ops import reference as _ref
 from vlm_mamba.ops import torch_ops as _torch
-from vlm_mamba.ops.padding import compact_by_mask, conv_window, expand_index, gather_time
+from vlm_mamba.ops.linear_ce import linear_cross_entropy
+from vlm_mamba.ops.padding import compact_by_mask, conv_window, expand_index, gather_time, previous_real
 from vlm_mamba.ops.torch_ops import causal_conv1d_channels_last
 
 __all__ = [
@@ -57,6 +58,8 @@ __all__ = [
     "conv_window",
     "expand_index",
     "gather_time",
+    "previous_real",
+    "linear_cross_entropy",
 ]
 
 logger = logging.getLogger("vlm_mamba.ops")

@@ -41,6 +41,17 @@ def gather_time(x: Tensor, idx: Tensor) -> Tensor:
     return x.gather(1, expand_index(idx, x))
 
 
+def previous_real(mask: Tensor) -> Tensor:
+    """mask (b,l) -> (b,l): the index of the last real position strictly before each one, -1 if none.
+
+    The position that predicts token t in a causal model: t-1 unless pads sit in between. A pad must
+    never predict, since after compaction it runs after the row's real tokens and has read them all.
+    """
+    pos = torch.arange(mask.shape[1], device=mask.device).expand_as(mask)
+    last_at_or_before = torch.where(mask.bool(), pos, -1).cummax(dim=1).values  # (b,l)
+    return torch.nn.functional.pad(last_at_or_before[:, :-1], (1, 0), value=-1)
+
+
 def expand_index(idx: Tensor, x: Tensor) -> Tensor:
     """idx (b,l) -> (b,l,*x.shape[2:]) for ``x.gather(1, ...)`` on a (b,l,...) tensor."""
     return idx.view(*idx.shape, *([1] * (x.dim() - 2))).expand(*idx.shape, *x.shape[2:])
