@@ -798,10 +798,14 @@ class Suite:
         on the right (a host sync and a graph break) and never reads it otherwise; ours uses it."""
         peer = isinstance(model, PeerTransformerVLM)
         mask = None if peer or bool(batch["mask"].all()) else batch["mask"]
+        # ours as the training module calls it: only the loss is read, so no (b, t, V) logits
+        kw = (
+            {"return_logits": False} if "return_logits" in inspect.signature(model.forward).parameters else {}
+        )
 
         def fl(images, ids, mask, labels):
             with self.amp():
-                return model(images, ids, attention_mask=mask, labels=labels).loss
+                return model(images, ids, attention_mask=mask, labels=labels, **kw).loss
 
         f = self.compiled(fl, compile_key, dynamic) if compile_key else fl
         return lambda: f(batch["images"], batch["ids"], mask, batch["labels"])
@@ -1668,7 +1672,7 @@ def summarize(records: list[dict]) -> dict:
             add("prefill vs stock mamba_ssm", r["case"], r, ref, "tokens_per_s", "stock")
     for case in dict.fromkeys(r["case"] for r in records if r["section"] == "arch"):
         ref_name = "llama" if case.startswith("lm") else "peer"
-        add("train vs transformer (best of eager/compiled each)", case, _best(records, section="arch", case=case, model="ours"),
+        add("train vs transformer (best variant of each)", case, _best(records, section="arch", case=case, model="ours"),
             _best(records, section="arch", case=case, model=ref_name), "tokens_per_s", ref_name)  # fmt: skip
     lens = sorted({r["length"] for r in records if r["section"] == "lengths"})
     xs, ratio, per_seq = [], [], {"ours": [], "peer": []}
@@ -1807,6 +1811,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int)
     ap.add_argument("--git-info", help="JSON with the commit measured (written before a GPU call)")
     ap.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/bench_gpu_<device>.json)")
+    ap.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
+                    help="no run: merge the records of these runs (e.g. two GPU calls) into --out, summary recomputed")  # fmt: skip
     return ap.parse_args(argv)
 
 
@@ -1825,8 +1831,48 @@ def smoke(plan: Plan) -> Plan:
     return plan
 
 
+def merge(paths: list[Path], out: Path) -> int:
+    """One JSON from several runs of the suite (sections split over calls): records concatenated,
+    each tagged with its run; environments and infos kept per run; the summary recomputed."""
+    runs = [json.loads(p.read_text()) for p in paths]
+    records = []
+    for i, run in enumerate(runs):
+        records += [{**r, "run": i} for r in run["records"]]
+    info: dict[str, Any] = {}
+    for run in runs:
+        info.update(run["info"])
+    result = {
+        "benchmark": "bench_gpu",
+        "merged_from": [
+            {
+                "file": p.name,
+                "command": r["command"],
+                "date": r["date"],
+                "wall_s": r["wall_s"],
+                "complete": r["complete"],
+                "sections": sorted({x["section"] for x in r["records"]}),
+            }
+            for p, r in zip(paths, runs)
+        ],  # fmt: skip
+        "environment": runs[0]["environment"],
+        "environments": [r["environment"] for r in runs],
+        "plan": runs[0]["plan"],
+        "conventions": runs[0]["conventions"],
+        "info": info,
+        "records": records,
+        "summary": summarize(records),
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    print_summary(result["summary"], result["environment"])
+    print(f"merged {len(paths)} runs, {len(records)} records -> {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.out or RESULTS / "bench_gpu_merged.json")
     dev = (
         args.device
         if args.device != "auto"
