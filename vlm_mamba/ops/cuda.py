@@ -23,6 +23,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
+from vlm_mamba.ops import triton_scan
 from vlm_mamba.ops.reference import _dt, _groups_to_channels
 
 
@@ -89,6 +90,12 @@ def selective_scan(
         return K.selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     out = K.selective_scan_fn(u, delta, A, B, C, D, None, delta_bias, delta_softplus, return_last_state)
     y, last = out if return_last_state else (out, None)
+    if _initial_state_kernel_ok(A, C, u, delta, B, D, z, delta_bias, initial_state):
+        # prefill from a cached state: the h0 term in one Triton pass, no (b,e,l,n) tensor
+        y = triton_scan.add_initial_state(
+            y, delta, delta_bias, delta_softplus, A, C, initial_state, z, last, out_dtype=u.dtype
+        )
+        return (y, last) if return_last_state else y
     b, e, L = u.shape
     dlt = _dt(delta, None if delta_bias is None else delta_bias[:, None], delta_softplus)  # (b,e,l) fp32
     decay = torch.exp(torch.cumsum(dlt, dim=-1)[..., None] * A.float()[:, None, :])  # (b,e,l,n)
@@ -101,6 +108,15 @@ def selective_scan(
     if return_last_state:
         return y, last.float() + decay[:, :, -1] * h0
     return y
+
+
+def _initial_state_kernel_ok(A, C, *tensors) -> bool:
+    """The Triton h0 term serves forward-only calls with (b,n,l) C and a power-of-two state size;
+    a call autograd must differentiate keeps the PyTorch form below (the kernel has no backward)."""
+    if not triton_scan.available() or C.dim() != 3 or A.shape[1] & (A.shape[1] - 1):
+        return False
+    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (A, C, *tensors))
+    return not grad
 
 
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):

@@ -1,0 +1,73 @@
+"""Cases for tests/test_triton_scan.py, run in a child process with TRITON_INTERPRET=1 (the
+interpreter must be chosen before triton is imported). Prints one JSON line of errors."""
+
+import json
+
+import torch
+
+from vlm_mamba.ops import triton_scan as T
+
+
+def case(b=2, e=40, length=70, n=8, seed=0, pads=True):
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    delta = r(b, e, length)
+    if pads:
+        delta[0, :, 50:] = -1e4  # trailing pads: dt = 0, the state must pass unchanged
+    return dict(
+        y0=r(b, e, length), delta=delta, delta_bias=r(e) * 0.5, A=-torch.rand(e, n, generator=g) * 2,
+        C=r(b, n, length), h0=r(b, e, n),
+    ), r(b, e, length)  # fmt: skip
+
+
+def err(a, b):
+    return float((a.float() - b.float()).abs().max()), float(b.float().abs().max())
+
+
+out = {}
+for gate in (True, False):
+    for softplus in (True, False):
+        c, z = case(pads=softplus)
+        if not softplus:  # raw dt + bias must be >= 0 without softplus
+            c["delta"], c["delta_bias"] = c["delta"].abs() * 0.1, c["delta_bias"].abs()
+        z = z if gate else None
+        last_k = torch.randn(2, 40, 8)
+        last_r = last_k.clone()
+        y = T.add_initial_state(**c, delta_softplus=softplus, z=z, last=last_k, block_e=16, block_l=32)
+        ref = T.add_initial_state_ref(**c, delta_softplus=softplus, z=z, last=last_r)
+        (ye, ys), (le, ls) = err(y, ref), err(last_k, last_r)
+        out[f"twin gate={gate} softplus={softplus}"] = {
+            "y_err": ye,
+            "y_scale": ys,
+            "last_err": le,
+            "last_scale": ls,
+        }
+
+c, _ = case()
+last = torch.zeros(2, 40, 8)
+T.add_initial_state(**c, delta_softplus=True, last=last)
+cut = {k: (v[:1, ..., :50] if k in ("y0", "delta", "C") else v[:1] if k == "h0" else v) for k, v in c.items()}
+last_cut = torch.zeros(1, 40, 8)
+T.add_initial_state(**cut, delta_softplus=True, last=last_cut)
+out["pads"] = {"last_err": err(last[:1], last_cut)[0]}
+
+c, z = case(pads=False)
+c = {k: (v.bfloat16() if k in ("y0", "delta", "C") else v) for k, v in c.items()}
+y = T.add_initial_state(**c, delta_softplus=True, z=z.bfloat16(), block_e=32, block_l=16)
+ref = T.add_initial_state_ref(**c, delta_softplus=True, z=z.bfloat16())
+ye, ys = err(y, ref)
+out["bf16"] = {"dtype": str(y.dtype), "y_err": ye, "y_scale": ys}
+
+errors = {}
+c, _ = case()
+for name, bad in (
+    ("n=6", {**c, "A": c["A"][:, :6], "h0": c["h0"][..., :6], "C": c["C"][:, :6]}),
+    ("grouped C", {**c, "C": c["C"][:, None]}),
+):
+    try:
+        T.add_initial_state(**bad, delta_softplus=True)
+        errors[name] = "no error"
+    except ValueError as e:
+        errors[name] = str(e)
+out["errors"] = errors
+print(json.dumps(out))

@@ -1,0 +1,89 @@
+"""Prefill from a cached state on CUDA: Mamba-1's scan from an initial state through the Triton h0
+term (``ops.triton_scan``, no (b,e,l,n) tensor) against the sequential reference scan, per element,
+fp32 and bf16, with and without trailing pads; and the whole model: [image] prefilled, then the
+prompt from that state, equals the same tokens prefilled at once (logits and final states).
+Needs a GPU and the kernels (``pytest -m gpu tests/test_gpu_prefill.py``)."""
+
+import pytest
+import torch
+
+from tests.gpu_util import DEV, FAST, close, kernels_missing
+from vlm_mamba import create_model, ops
+from vlm_mamba.layers.mamba1 import PAD_DELTA
+from vlm_mamba.ops import cuda as ops_cuda
+from vlm_mamba.ops.reference import selective_scan_ref
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(kernels_missing(), reason="needs CUDA and the mamba_ssm / causal_conv1d kernels"),
+]
+
+
+def _scan_inputs(dtype, b=3, e=96, length=300, n=16, pads=False, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    r = lambda *s: torch.randn(*s, generator=g)  # noqa: E731
+    delta = r(b, e, length) * 0.5 - 1.0
+    if pads:
+        delta[0, :, 200:] = PAD_DELTA  # trailing pads: softplus gives dt = 0 exactly
+        delta[2, :, 1:] = PAD_DELTA
+    t = dict(
+        u=r(b, e, length), delta=delta, A=-torch.exp(r(e, n) * 0.5), B=r(b, n, length), C=r(b, n, length),
+        D=r(e), z=r(b, e, length), delta_bias=r(e) * 0.3, initial_state=r(b, e, n),
+    )  # fmt: skip
+    low = {"u", "delta", "B", "C", "z"}  # activations in the compute dtype, parameters fp32
+    return {k: (v.to(DEV, dtype) if k in low else v.to(DEV)) for k, v in t.items()}
+
+
+@pytest.mark.parametrize("pads", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_scan_from_a_state_equals_the_reference_scan(dtype, pads):
+    t = _scan_inputs(dtype, pads=pads)
+    assert ops_cuda._initial_state_kernel_ok(t["A"], t["C"], *t.values())  # the Triton path runs
+    with torch.no_grad():
+        y, last = ops.selective_scan(**t, delta_softplus=True, return_last_state=True, kernel=FAST)
+        ry, rlast = selective_scan_ref(**t, delta_softplus=True, return_last_state=True)
+    tol = (1e-4, 1e-4) if dtype == torch.float32 else (2e-2, 5e-2)
+    close(y, ry, *tol, what=f"y {dtype} pads={pads}")
+    close(last, rlast, 1e-4, 1e-4, what=f"last state {dtype} pads={pads}")
+
+
+def test_scan_from_a_state_with_gradients_keeps_the_differentiable_path():
+    t = _scan_inputs(torch.float32, length=64)
+    t["initial_state"].requires_grad_()
+    assert not ops_cuda._initial_state_kernel_ok(t["A"], t["C"], *t.values())
+    y = ops.selective_scan(**t, delta_softplus=True, kernel=FAST)
+    (g,) = torch.autograd.grad(y.float().sum(), (t["initial_state"],))
+    h0 = t["initial_state"].detach().requires_grad_()
+    ry = selective_scan_ref(**{**t, "initial_state": h0}, delta_softplus=True)
+    (rg,) = torch.autograd.grad(ry.float().sum(), (h0,))
+    close(g, rg, 1e-3, 1e-3, what="d initial_state")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_prompt_prefilled_from_the_image_state_equals_one_prefill(dtype):
+    """generate's image-state path: [image] then the left-padded prompt from its state, against
+    [image][prompt] in one prefill, on the CUDA kernels (logits of the last token, final states)."""
+    torch.manual_seed(0)
+    model = create_model("small").to(DEV).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.01)
+    images = torch.randn(2, 3, 224, 224, device=DEV)
+    ids = torch.randint(3, 5000, (2, 40), device=DEV)
+    mask = torch.ones(2, 40, dtype=torch.bool, device=DEV)
+    mask[1, :15] = False  # left padding
+    lm = model.language
+    with torch.no_grad(), torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
+        state = model.prefill_images(images)
+        a = lm(
+            inputs_embeds=lm.embed(ids), attention_mask=mask, state=state, return_state=True, logits="last"
+        )
+        img, img_mask = model.encode_images(images)
+        emb = torch.cat([img, lm.embed(ids)], 1)
+        full_mask = torch.cat([img_mask, mask], 1)
+        b = lm(inputs_embeds=emb, attention_mask=full_mask, return_state=True, logits="last")
+    tol = (1e-3, 1e-3) if dtype == torch.float32 else (5e-2, 1.5e-1)
+    close(a.logits, b.logits, *tol, what=f"last logits {dtype}")
+    for i, (sa, sb) in enumerate(zip(a.state, b.state)):
+        close(sa.ssm, sb.ssm, *tol, what=f"layer {i} ssm state {dtype}")
+        close(sa.conv, sb.conv, *tol, what=f"layer {i} conv state {dtype}")

@@ -1,0 +1,46 @@
+"""The Triton kernel for Mamba-1's scan from an initial state (ops.triton_scan) against its plain
+twin, on the CPU through Triton's interpreter. TRITON_INTERPRET=1 must be set before triton is
+first imported, so the cases run in a child process (``_triton_scan_cases.py``) and report back;
+the GPU run of the kernel inside the model is in tests/test_gpu_prefill.py."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+CASES = Path(__file__).with_name("_triton_scan_cases.py")
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, str(CASES)], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("gate", [True, False])
+@pytest.mark.parametrize("softplus", [True, False])
+def test_kernel_equals_the_plain_twin_per_element(results, gate, softplus):
+    out = results[f"twin gate={gate} softplus={softplus}"]
+    assert out["y_err"] <= 2e-6 * max(1.0, out["y_scale"]), out
+    assert out["last_err"] <= 2e-6 * max(1.0, out["last_scale"]), out
+
+
+def test_trailing_pads_leave_the_last_state_of_the_real_tokens(results):
+    assert results["pads"]["last_err"] <= 1e-6, results["pads"]
+
+
+def test_bf16_inputs_fp32_accumulation(results):
+    out = results["bf16"]
+    assert out["dtype"] == "torch.bfloat16" and out["y_err"] <= 1e-2 * max(1.0, out["y_scale"]), out
+
+
+def test_rejects_what_it_cannot_do(results):
+    assert "power of two" in results["errors"]["n=6"]
+    assert "(b, n, l)" in results["errors"]["grouped C"]
