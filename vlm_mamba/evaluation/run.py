@@ -47,18 +47,25 @@ DEFAULT_DATASET = {"coco_caption": "shapes", "vqav2": "shapes_vqa"}
 
 # ---------------------------------------------------------------------- loading
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
-    """(VLMamba in eval mode, TextTokenizer or None) from a Lightning ``.ckpt`` or a
+    """(VLMamba in eval mode, TextTokenizer or None) from a Lightning ``.ckpt`` (a file, or the
+    folder of a sharded ``trainer=fsdp`` run: each rank reads the whole model) or a
     ``VLMamba.save_pretrained`` directory."""
     from ..data.tokenizer import TextTokenizer
-    from ..models.hub import load_checkpoint, model_from_checkpoint, tokenizer_from_checkpoint
+    from ..models.hub import (
+        is_sharded_checkpoint,
+        load_checkpoint,
+        model_from_checkpoint,
+        tokenizer_from_checkpoint,
+    )
     from ..models.vlm import VLMamba
 
     path = Path(path)
-    if path.is_dir():
+    sharded = is_sharded_checkpoint(path)
+    if path.is_dir() and not sharded:
         model = VLMamba.from_pretrained(path, map_location=device)
         tok = TextTokenizer.load(path) if (path / "tokenizer.json").is_file() else None
         return model.eval(), tok
-    if not path.is_file():
+    if not (path.is_file() or sharded):
         raise FileNotFoundError(
             f"checkpoint {path} not found (give a .ckpt file or a save_pretrained directory)"
         )

@@ -43,6 +43,7 @@ from ..data.collate import teacher_forcing_batch
 from ..evaluation.tasks import batch_task, eval_records, gather, predict_batch, sample_rows, score_task
 from ..models.vlm import LOSS_REDUCTIONS, VLMamba
 from .callbacks import batch_size_of
+from .fsdp import is_padding, is_sharded, unsharded
 from .optim import WarmupCosine, param_groups
 
 log = logging.getLogger(__name__)
@@ -154,31 +155,26 @@ class VLMambaLitModule(L.LightningModule):
         tensor the kernel reads itself (GradScaler's mechanism), so the check costs no host sync.
         The skip is decided on the global norm, hence the same on every rank; the skipped steps
         are counted (``train/skipped_steps``) and reported every ``log_every_n_steps``.
-        Under FSDP1 the norm comes from FSDP's own ``clip_grad_norm_`` (over all shards): Lightning's
-        FSDP precision plugin refuses ``gradient_clip_algorithm='norm'``."""
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
+        Under FSDP2 the gradients are ``DTensor`` shards: their norm is reduced over the shards
+        (``full_tensor``) before clipping, as torchtitan does."""
         params = [p for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if not params:
             return
         by_norm = gradient_clip_val and gradient_clip_algorithm in (None, "norm")
-        wrapped = getattr(self.trainer.strategy, "model", None)
-        if by_norm and isinstance(wrapped, FSDP):
-            norm = wrapped.clip_grad_norm_(float(gradient_clip_val))
-        elif by_norm:
-            norm = torch.nn.utils.clip_grad_norm_(params, float(gradient_clip_val))
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if hasattr(norm, "full_tensor"):  # a DTensor (FSDP2 shards): the norm over all of them
+            norm = norm.full_tensor()
+        if by_norm:
+            torch.nn.utils.clip_grads_with_norm_(params, float(gradient_clip_val), norm)
         else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
             super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
         self._skip_if_nonfinite(optimizer, norm)
 
     def _skip_if_nonfinite(self, optimizer, norm: torch.Tensor) -> None:
         if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             return  # fp16 with a GradScaler: the scaler skips non-finite steps itself
-        if hasattr(norm, "full_tensor"):  # a DTensor (FSDP2 shards): the norm over all of them
-            norm = norm.full_tensor()
         bad = (~torch.isfinite(norm.detach())).float()  # 0-dim, on the gradients' device
-        if self.trainer.world_size > 1:  # local shard norms (FSDP1 without clipping) may differ
+        if self.trainer.world_size > 1:  # the same decision on every rank, whatever the norm's origin
             bad = self.trainer.strategy.reduce(bad, reduce_op="max")
         if optimizer.defaults.get("fused"):
             optimizer.found_inf = bad  # the fused kernel leaves weights, moments and step count alone
@@ -188,7 +184,23 @@ class VLMambaLitModule(L.LightningModule):
         self.log("train/grad_norm", norm.detach().float(), on_step=True, on_epoch=False)
         self.log("train/skipped_steps", self._skipped_steps, on_step=True, on_epoch=False)
 
+    def configure_model(self) -> None:
+        """Shard the network when the strategy shards (``trainer=fsdp``: FSDP2, see
+        ``vlm_mamba.training.fsdp``); a no-op for every other strategy."""
+        if self._trainer is None:
+            return
+        parallelize = getattr(self.trainer.strategy, "parallelize", None)
+        if parallelize is not None:
+            parallelize(self.model)
+
     def configure_optimizers(self):
+        from lightning.pytorch.strategies import FSDPStrategy
+
+        if self._trainer is not None and isinstance(self.trainer.strategy, FSDPStrategy):
+            raise ValueError(
+                "Lightning's FSDPStrategy (FSDP1) hands the optimiser flat 1-D views, so weight decay would "
+                "silently be off for every parameter: use trainer=fsdp (FSDP2, vlm_mamba.training.fsdp)"
+            )
         hp = self.hparams
         groups = param_groups(self.model, hp.weight_decay, hp.decay_embeddings)
         if not groups:
@@ -307,40 +319,32 @@ class VLMambaLitModule(L.LightningModule):
         self._finish_eval("test", score=True)
 
     def _eval_step(self, batch: Mapping[str, Any], generate: bool) -> None:
+        pad = is_padding(batch)  # FSDP2's EvenBatches: decoded with the others, then dropped
         task = batch_task(batch)
         st = self._eval_state.setdefault(task, {"loss_sum": 0.0, "tokens": 0, "results": [], "refs": []})
         if task == "train":  # a teacher-forcing batch (custom loaders)
             tf = batch
         else:
             tf = teacher_forcing_batch(batch, task, self.tokenizer, self._max_text_len())
+        if is_sharded(self.model) and self.trainer.world_size > 1:  # a forward is a collective
+            tf = tf if self.trainer.strategy.reduce_boolean_decision(tf is not None, all=True) else None
         if tf is not None:
             out = self(tf)
             n = int((tf["labels"][:, 1:] != -100).sum()) or 1
-            st["loss_sum"] += float(out.loss.detach()) * n
-            st["tokens"] += n
+            if not pad:
+                st["loss_sum"] += float(out.loss.detach()) * n
+                st["tokens"] += n
         gen = self.hparams.val_generation
         if generate and gen["enabled"] and task != "train":
-            with self._full_params():
+            # under FSDP2 every unit is gathered once for the batch (Block.step is no forward)
+            with unsharded(self.model, getattr(self.trainer.strategy, "reshard_after_forward", True)):
                 preds = self.predict_batch(batch, gen)
+            if pad:
+                return
             for res, ref in zip(*eval_records(batch, preds)):
                 if ref.get("references") or ref.get("answers"):  # unanswered test questions: nothing to score
                     st["results"].append(res)
                     st["refs"].append(ref)
-
-    def _full_params(self):
-        """Decoding calls ``Block.step``, which FSDP does not intercept (only ``forward`` gathers a
-        unit's shards), so under FSDP the full weights are gathered around it. Collective: every
-        rank must decode the same number of batches (set an int ``trainer.limit_val_batches`` no
-        larger than any rank's share)."""
-        import contextlib
-
-        from lightning.pytorch.strategies import FSDPStrategy
-
-        if not isinstance(self.trainer.strategy, FSDPStrategy):
-            return contextlib.nullcontext()
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        return FSDP.summon_full_params(self.trainer.strategy.model, writeback=False)
 
     def _max_text_len(self) -> int:
         dm = getattr(self.trainer, "datamodule", None)

@@ -79,28 +79,33 @@ def model_config(node: DictConfig | Mapping[str, Any]) -> VLMambaConfig:
         raise ConfigError("invalid model config:\n" + "\n".join(lines)) from None
 
 
-def fsdp_strategy(
-    activation_checkpointing: bool = False,
-    sharding_strategy: str = "FULL_SHARD",
-    cpu_offload: bool = False,
-    state_dict_type: str = "full",
-    **kwargs: Any,
-):
-    """Lightning's FSDPStrategy with every residual Mamba ``Block`` (vision and language) as the
-    wrap unit and, optionally, the activation-checkpointing unit (``trainer=fsdp``)."""
-    from lightning.pytorch.strategies import FSDPStrategy
+def fsdp_strategy(**kwargs: Any):
+    """The ``trainer=fsdp`` strategy: :class:`~vlm_mamba.training.fsdp.FSDP2Strategy` (FSDP2 through
+    Lightning's ``ModelParallelStrategy``; every residual Mamba ``Block`` of both towers is a unit).
 
-    from ..layers import Block
+    Kept for configs written against the FSDP1 version: its ``sharding_strategy`` maps to
+    ``reshard_after_forward`` (FULL_SHARD: true, SHARD_GRAD_OP: false), ``state_dict_type`` to
+    ``save_distributed_checkpoint`` (sharded: true, full: false); ``activation_checkpointing`` is
+    refused (the model config's ``gradient_checkpointing`` is the one mechanism)."""
+    from .fsdp import FSDP2Strategy
 
-    policy = {Block}
-    return FSDPStrategy(
-        auto_wrap_policy=policy,
-        activation_checkpointing_policy=policy if activation_checkpointing else None,
-        sharding_strategy=sharding_strategy,
-        cpu_offload=cpu_offload,
-        state_dict_type=state_dict_type,
-        **kwargs,
-    )
+    sharding = kwargs.pop("sharding_strategy", None)
+    if sharding is not None:
+        if sharding not in ("FULL_SHARD", "SHARD_GRAD_OP"):
+            raise ConfigError(
+                f"trainer.strategy.sharding_strategy={sharding!r}: FSDP2 offers FULL_SHARD or SHARD_GRAD_OP "
+                "(trainer.strategy.reshard_after_forward=true/false)"
+            )
+        kwargs.setdefault("reshard_after_forward", sharding == "FULL_SHARD")
+    sdt = kwargs.pop("state_dict_type", None)
+    if sdt is not None:
+        if sdt not in ("full", "sharded"):
+            raise ConfigError(f"trainer.strategy.state_dict_type={sdt!r}: expected 'sharded' or 'full'")
+        kwargs.setdefault("save_distributed_checkpoint", sdt == "sharded")
+    try:
+        return FSDP2Strategy(**kwargs)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def instantiate_list(node: DictConfig | None, what: str) -> list[Any]:
