@@ -113,6 +113,11 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().setup(trainer)
 
     # ------------------------------------------------------------------ sharding
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the gathered parameters are used in (``MixedPrecisionPolicy.param_dtype``)."""
+        return self.mixed_precision().param_dtype
+
     def mixed_precision(self) -> Any:
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
@@ -187,7 +192,9 @@ def fsdp_units(model: nn.Module) -> list[nn.Module]:
 
 
 @contextlib.contextmanager
-def unsharded(model: nn.Module, reshard_after_forward: bool = True) -> Iterator[None]:
+def unsharded(
+    model: nn.Module, reshard_after_forward: bool = True, compute_dtype: torch.dtype | None = None
+) -> Iterator[None]:
     """All-gather every FSDP2 unit of ``model`` for the body, then free the gathered weights again.
 
     Decoding calls ``Block.step``, which FSDP's hooks do not see, and stops when every row hit EOS,
@@ -196,17 +203,26 @@ def unsharded(model: nn.Module, reshard_after_forward: bool = True) -> Iterator[
     the prefill's forwards do not reshard (``set_reshard_after_forward(False)``). Collective:
     every rank enters it the same number of times (:class:`EvenBatches`). Needs the whole model in
     ``param_dtype`` on each device (the gathered weights, not the optimiser state). A no-op for an
-    unsharded model."""
+    unsharded model.
+
+    ``compute_dtype`` (the policy's ``param_dtype``): the body runs under autocast to it unless it
+    is fp32. FSDP2 casts the inputs of a unit's ``forward`` (``cast_forward_inputs``), but
+    ``generate`` is no forward: its fp32 images would meet bf16 weights."""
     units = fsdp_units(model)
     if not units:
         yield
         return
+    autocast = contextlib.nullcontext()
+    if compute_dtype is not None and compute_dtype != torch.float32:
+        device = next(iter(model.parameters())).device
+        autocast = torch.autocast(device.type, dtype=compute_dtype)
     for unit in units:
         unit.set_reshard_after_forward(False, recurse=False)
     for unit in units:
         unit.unshard()
     try:
-        yield
+        with autocast:
+            yield
     finally:
         for unit in units:
             unit.reshard()

@@ -337,7 +337,12 @@ class VLMambaLitModule(L.LightningModule):
         gen = self.hparams.val_generation
         if generate and gen["enabled"] and task != "train":
             # under FSDP2 every unit is gathered once for the batch (Block.step is no forward)
-            with unsharded(self.model, getattr(self.trainer.strategy, "reshard_after_forward", True)):
+            strategy = self.trainer.strategy
+            reshard, dtype = (
+                getattr(strategy, "reshard_after_forward", True),
+                getattr(strategy, "compute_dtype", None),
+            )
+            with unsharded(self.model, reshard, dtype):
                 preds = self.predict_batch(batch, gen)
             if pad:
                 return
