@@ -8,6 +8,9 @@
 # On the device machine (repository root, the wheels carried as .whl):
 #   run(command="bash benchmarks/fsdp_one_gpu.sh", carry=[".whl"], kind="nvidia-h200", timeout_s=600)
 # Everything lands in $OUT (default: ./fsdp_one_gpu_out): versions.txt, *.log, summary.json.
+# A CPU dry run of the same steps (what was checked before it went to a GPU):
+#   PY=.venv/bin/python STEPS=30 TRAINER="trainer=fsdp trainer.accelerator=cpu trainer.precision=32-true \
+#     +trainer.strategy.process_group_backend=gloo" bash benchmarks/fsdp_one_gpu.sh
 set -u
 OUT=${OUT:-$PWD/fsdp_one_gpu_out}
 mkdir -p "$OUT"
@@ -48,8 +51,9 @@ log "shapes data"
 $PY data/generate_shapes.py --build $DATA --num-train 512 --num-val 40 --num-test 40 --vocab-size 512 \
   >"$OUT/data.log" 2>&1 || { log "data generation failed"; tail -20 "$OUT/data.log"; exit 1; }
 
-STEPS=60
-COMMON=(model=demo trainer=fsdp trainer.devices=1 paths.data_dir=$DATA data=shapes_caption
+STEPS=${STEPS:-60}
+read -r -a TRAINER_ARGS <<<"${TRAINER:-trainer=fsdp}"
+COMMON=(model=demo "${TRAINER_ARGS[@]}" trainer.devices=1 paths.data_dir=$DATA data=shapes_caption
   data.batch_size=32 data.eval_batch_size=16 data.num_workers=2 module.warmup_steps=5
   module.total_steps=$STEPS module.val_generation.max_new_tokens=8 trainer.limit_val_batches=2
   trainer.val_check_interval=20 trainer.num_sanity_val_steps=1 trainer.log_every_n_steps=1
