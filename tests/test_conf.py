@@ -37,7 +37,7 @@ def test_expected_groups_and_options_exist():
         "vision": {"encoder", "fuyu"},
         "lora": {"none", "language", "all"},
         "data": {"shapes_caption", "shapes_vqa", "coco_caption", "vqav2"},
-        "trainer": {"cpu", "gpu", "ddp", "fsdp", "ddp_sim"},
+        "trainer": {"cpu", "gpu", "ddp", "fsdp", "ddp_sim", "fsdp_sim"},
         "logger": {"csv", "tensorboard", "wandb", "none"},
         "experiment": {"demo", "coco_caption", "vqav2", "coco_caption_lora", "vqav2_lora"},
         "hparams_search": {"optuna"},
@@ -77,7 +77,7 @@ def test_unknown_or_invalid_model_keys_are_errors_naming_the_key(tmp_path):
         model_config(cfg.model)
 
 
-@pytest.mark.parametrize("name", ["cpu", "ddp_sim"])
+@pytest.mark.parametrize("name", ["cpu", "ddp_sim", "fsdp_sim"])
 def test_cpu_trainers_instantiate(name, tmp_path):
     import hydra
 
@@ -85,7 +85,7 @@ def test_cpu_trainers_instantiate(name, tmp_path):
     trainer = hydra.utils.instantiate(cfg.trainer, logger=False)
     assert isinstance(trainer, L.Trainer)
     assert trainer.precision == "32-true"
-    if name == "ddp_sim":
+    if name in ("ddp_sim", "fsdp_sim"):
         assert trainer.num_devices == 2
         assert trainer.strategy._process_group_backend == "gloo"
 
@@ -95,21 +95,22 @@ def test_gpu_trainers_compose_with_bf16(tmp_path):
         cfg = _compose([f"trainer={name}"], tmp_path)
         assert cfg.trainer.precision == "bf16-mixed" and cfg.trainer.accelerator == "gpu"
     cfg = _compose(["trainer=fsdp"], tmp_path)
-    assert cfg.trainer.strategy._target_ == "vlm_mamba.training.run.fsdp_strategy"
+    assert cfg.trainer.strategy._target_ == "vlm_mamba.training.fsdp.FSDP2Strategy"
+    assert cfg.trainer.inference_mode is False
 
 
-def test_fsdp_strategy_wraps_blocks_and_checkpoints_them():
-    from lightning.pytorch.strategies import FSDPStrategy
+def test_fsdp_strategy_is_fsdp2_with_one_checkpointing_switch(tmp_path):
+    import hydra
+    from lightning.pytorch.strategies import ModelParallelStrategy
 
-    from vlm_mamba.layers import Block
-    from vlm_mamba.training.run import fsdp_strategy
+    from vlm_mamba.training.fsdp import FSDP2Strategy
 
-    s = fsdp_strategy(activation_checkpointing=True)
-    assert isinstance(s, FSDPStrategy)
-    policy = s.kwargs["auto_wrap_policy"]
-    assert Block in policy._module_classes
-    assert s._activation_checkpointing_kwargs  # checkpointing applied to the same unit
-    assert not fsdp_strategy()._activation_checkpointing_kwargs
+    cfg = _compose(["trainer=fsdp"], tmp_path)
+    s = hydra.utils.instantiate(cfg.trainer.strategy)
+    assert isinstance(s, FSDP2Strategy) and isinstance(s, ModelParallelStrategy)
+    assert s.reshard_after_forward and s._save_distributed_checkpoint and s.param_dtype == "auto"
+    with pytest.raises(ValueError, match="model.language.gradient_checkpointing"):
+        FSDP2Strategy(activation_checkpointing=True)
 
 
 @pytest.mark.parametrize("name", ["csv", "tensorboard", "none"])
