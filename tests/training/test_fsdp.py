@@ -334,6 +334,30 @@ def _sharded_decoding(rank: int, world: int):
     fp32_grads = all(p.grad.dtype == torch.float32 for p in bf16.parameters() if p.grad is not None)
     with torch.no_grad(), unsharded(bf16.eval(), True, torch.bfloat16):
         decoded = bf16.generate(images, ids, max_new_tokens=new, eos_token_id=None).shape == want.shape
+    # the model's activation checkpointing inside FSDP2 units (the language blocks through the
+    # registered forward_carry, the vision blocks through forward): the plain model's gradients
+    ckpt_cfg = cfg.model_copy(
+        update={
+            "vision": cfg.vision.model_copy(update={"gradient_checkpointing": True}),
+            "language": cfg.language.model_copy(update={"gradient_checkpointing": True}),
+        }
+    )
+    ck = VLMamba(ckpt_cfg).train()
+    ck.load_state_dict(ref.state_dict())
+    shard_model(ck, init_device_mesh("cpu", (world,)), MixedPrecisionPolicy())
+    ck(images, ids, labels=ids).loss.backward()
+    plain = VLMamba(cfg).train()
+    plain.load_state_dict(ref.state_dict())
+    plain(images, ids, labels=ids).loss.backward()
+    # each rank's loss is over its own batch; FSDP averages the gradients over the ranks
+    import torch.distributed as dist
+
+    grads_ok = True
+    for p, q in zip(ck.parameters(), plain.parameters()):
+        want_g = q.grad.clone()
+        dist.all_reduce(want_g)
+        want_g /= world
+        grads_ok &= torch.allclose(p.grad.full_tensor(), want_g, rtol=1e-4, atol=1e-6)
     return (
         same_forward,
         torch.equal(got, want),
@@ -343,6 +367,7 @@ def _sharded_decoding(rank: int, world: int):
         resharded,
         units,
         close and fp32_grads and decoded,
+        grads_ok,
     )
 
 
@@ -351,7 +376,8 @@ def test_sharded_model_forward_decoding_and_groups():
     decoding inside unsharded() equals the plain model's (different lengths per rank), the weights
     are sharded again after it, parameters keep their shapes and the decay groups their names; one
     unit per block of each tower + the root; with the bf16 policy the loss is within 0.02 of fp32,
-    gradients are fp32 and decoding (autocast) runs."""
+    gradients are fp32 and decoding (autocast) runs; with the model's gradient checkpointing on in
+    both towers the sharded gradients are the plain model's averaged over the ranks."""
     out = _spawn(_sharded_decoding)
     for rank, result in out.items():
         assert all(result), (rank, result)
