@@ -180,9 +180,14 @@ class VLMamba(nn.Module):
             else attention_mask.bool()
         )
         split = self._text_before_image(tmask, labels)  # (b,)
-        emb, mask, text_pos = _interleave(txt, tmask, img, img_mask, split)  # (b, l, d), (b, l), (b, t)
+        image_first = self.config.prompt_order == "image_first"
+        emb, mask, text_pos = _interleave(
+            txt, tmask, img, img_mask, split, image_first
+        )  # (b,l,d) (b,l) (b,t)
+        # decided from the inputs' structure, not their values: no host sync in the training forward
+        all_real = attention_mask is None and self.config.vision_mode == "encoder"
         hidden = self.language(
-            inputs_embeds=emb, attention_mask=_none_if_all(mask), logits="none"
+            inputs_embeds=emb, attention_mask=None if all_real else mask, logits="none"
         ).hidden_states  # (b, l, d)
         logits = None
         if return_logits:
@@ -503,12 +508,18 @@ def _gather_time(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def _interleave(
-    txt: torch.Tensor, tmask: torch.Tensor, img: torch.Tensor, img_mask: torch.Tensor, split: torch.Tensor
+    txt: torch.Tensor,
+    tmask: torch.Tensor,
+    img: torch.Tensor,
+    img_mask: torch.Tensor,
+    split: torch.Tensor,
+    image_first: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per row: text[:split], image, text[split:].
 
     Args:
-        txt (b, t, d), tmask (b, t), img (b, p, d), img_mask (b, p), split (b,).
+        txt (b, t, d), tmask (b, t), img (b, p, d), img_mask (b, p), split (b,); ``image_first``:
+        split is 0 in every row (prompt_order="image_first"), a plain concatenation.
 
     Returns:
         embeddings (b, l, d), mask (b, l), and the position of every text token (b, t).
@@ -518,7 +529,7 @@ def _interleave(
     dev = txt.device
     k = torch.arange(t, device=dev)[None, :]  # (1, t)
     text_pos = torch.where(k < split[:, None], k, k + p)  # (b, t)
-    if bool((split == 0).all()):  # image first: a plain concatenation
+    if image_first:  # a plain concatenation
         return torch.cat([img, txt], 1), torch.cat([img_mask, tmask], 1), text_pos
     j = torch.arange(t + p, device=dev)[None, :]  # (1, l)
     s = split[:, None]
