@@ -469,3 +469,18 @@ def test_save_pretrained_replaces_its_own_output_and_keeps_it_when_writing_fails
     new = VLMamba.from_pretrained(tmp_path / "m").eval()
     torch.testing.assert_close(new(images, ids).logits, second(images, ids).logits, atol=0, rtol=0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m"]
+
+
+@pytest.mark.parametrize("vision_mode", ["encoder", "fuyu"])
+def test_bf16_model_takes_fp32_images(vision_mode):
+    """A loader's fp32 pixels into a model cast to bf16 (used to fail in the patch projection):
+    the same logits as bf16 pixels, in training forward and generation."""
+    model = _tiny(vision_mode=vision_mode).to(torch.bfloat16)
+    images, ids = torch.randn(2, 3, 32, 32), torch.randint(3, 500, (2, 6))
+    with torch.no_grad():
+        a = model(images, ids).logits
+        b = model(images.bfloat16(), ids).logits
+        assert a.dtype == torch.bfloat16
+        torch.testing.assert_close(a, b, atol=0, rtol=0)
+        g = model.generate(images, ids, max_new_tokens=3, eos_token_id=None)
+        assert torch.equal(g, model.generate(images.bfloat16(), ids, max_new_tokens=3, eos_token_id=None))

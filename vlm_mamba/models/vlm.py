@@ -131,7 +131,11 @@ class VLMamba(nn.Module):
     def encode_images(
         self, images: torch.Tensor, image_sizes: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(n, c, H, W) -> image tokens in language width (n, p, d) and their mask (n, p) bool."""
+        """(n, c, H, W) -> image tokens in language width (n, p, d) and their mask (n, p) bool.
+
+        Pixels are cast to the vision weights' dtype (a loader's fp32 images into a bf16 model), as
+        transformers' vision towers do with ``pixel_values``."""
+        images = images.to(next(self.vision.parameters()).dtype)
         if self.config.vision.center_images:
             images = center_images(images, image_sizes)
         if self.config.vision_mode == "encoder":
