@@ -438,3 +438,19 @@ def test_gated_norm_dispatch_equals_reference():
         if before:
             manual = manual * torch.nn.functional.silu(z)
         torch.testing.assert_close(want, manual)
+
+
+@pytest.mark.parametrize("length", [0, 2, 3, 9])
+def test_conv_window_equals_the_last_columns_of_initial_then_input(length):
+    """Every mix of initial window and real inputs: rows shorter than k-1 keep part of the initial
+    window; the reference concatenates the whole sequence and slices."""
+    g = torch.Generator().manual_seed(length)
+    b, e, k = 5, 3, 4
+    x = torch.randn(b, e, length, generator=g)
+    init = torch.randn(b, e, k - 1, generator=g)
+    lengths = torch.randint(0, length + 1, (b,), generator=g)
+    for initial in (init, None):
+        win = ops.conv_window(x, initial, lengths, k)
+        full = torch.cat([initial if initial is not None else torch.zeros(b, e, k - 1), x], dim=-1)
+        for i, n in enumerate(lengths.tolist()):
+            assert torch.equal(win[i], full[i, :, n : n + k - 1]), (i, n)

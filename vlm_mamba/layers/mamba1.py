@@ -199,11 +199,11 @@ class MambaMixer(nn.Module):
             )  # fmt: skip
 
         valid = None if lengths is None else torch.arange(L, device=x.device) < lengths[:, None]  # (b,l)
-        xi, z = self.in_proj(x).chunk(2, dim=-1)  # (b,l,e) each
         conv_init = state.conv if state is not None else None
         if ops.kernel_family(self.kernel, x.device) == "cpu":
             # the compiled CPU scan reads (b,l,e): keep the channels last throughout, the scan's
             # (b,e,l) arguments below are transposed views of it
+            xi, z = self.in_proj(x).chunk(2, dim=-1)  # (b,l,e) each
             xc = ops.causal_conv1d_channels_last(
                 xi, self.conv1d.weight[:, 0], self.conv1d.bias, initial_states=conv_init
             )  # (b,l,e)
@@ -212,11 +212,14 @@ class MambaMixer(nn.Module):
             if valid is not None:
                 delta = delta.masked_fill(~valid[..., None], PAD_DELTA)
             xc, delta = xc.transpose(1, 2), delta.transpose(1, 2)  # (b,e,l) views
+            xi, z = xi.transpose(1, 2), z.transpose(1, 2)  # (b,e,l) views
         else:
+            # (b,e,l) with unit stride along l, as mamba_ssm's Mamba.forward: the conv and the scan
+            # read x and z without .contiguous() copies
+            xi, z = self._xz(x).chunk(2, dim=1)  # (b,e,l) each
             xc = ops.causal_conv1d(
-                xi.transpose(1, 2), self.conv1d.weight[:, 0], self.conv1d.bias, initial_states=conv_init,
-                kernel=self.kernel,
-            )  # (b,e,l)  # fmt: skip
+                xi, self.conv1d.weight[:, 0], self.conv1d.bias, initial_states=conv_init, kernel=self.kernel
+            )  # (b,e,l)
             dt, B, C = self.x_proj(xc.transpose(1, 2)).split(
                 [self.dt_rank, self.d_state, self.d_state], dim=-1
             )
@@ -227,7 +230,6 @@ class MambaMixer(nn.Module):
             if valid is not None:  # dt = softplus(-1e4 + bias) = 0 exactly at pads: exp(0*A) = 1 and no
                 # input, an identity step. Done before the scan so the scan keeps its fused bias + softplus.
                 delta = delta.masked_fill(~valid[:, None], PAD_DELTA)
-        xi, z = xi.transpose(1, 2), z.transpose(1, 2)  # (b,e,l) views
         y = ops.selective_scan(
             xc, delta, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z, delta_bias, True,
             initial_state=state.ssm if state is not None else None, return_last_state=return_state,

@@ -60,11 +60,18 @@ def expand_index(idx: Tensor, x: Tensor) -> Tensor:
 def conv_window(x: Tensor, initial_states: Tensor | None, lengths: Tensor, width: int) -> Tensor:
     """The conv state after each row's real tokens: the last k-1 inputs among [initial, x[:length]].
 
+    Reads only those k-1 columns (a gather from x, the rest from the initial window), so a prefill's
+    final conv state costs (b,e,k-1), not a copy of the whole (b,e,l) input.
+
     Args: x (b,e,l) conv input with real tokens first; initial_states (b,e,k-1) or None (zeros);
     lengths (b,); width k. Returns (b,e,k-1).
     """
     b, e, L = x.shape
-    init = initial_states.to(x.dtype) if initial_states is not None else x.new_zeros(b, e, width - 1)
-    xp = torch.cat([init, x], dim=-1)  # (b,e,k-1+l); real inputs end at k-1+length
-    idx = lengths[:, None] + torch.arange(width - 1, device=x.device)  # (b,k-1)
-    return xp.gather(2, idx[:, None, :].expand(b, e, width - 1))
+    k1 = width - 1
+    pos = lengths[:, None] - k1 + torch.arange(k1, device=x.device)  # (b,k-1) positions in x; < 0: initial
+    from_x = (
+        x.gather(2, pos.clamp(0, max(L - 1, 0))[:, None, :].expand(b, e, k1)) if L else x.new_zeros(b, e, k1)
+    )
+    init = initial_states.to(x.dtype) if initial_states is not None else x.new_zeros(b, e, k1)
+    from_init = init.gather(2, (pos + k1).clamp(0, k1 - 1)[:, None, :].expand(b, e, k1))
+    return torch.where((pos >= 0)[:, None, :], from_x, from_init)
