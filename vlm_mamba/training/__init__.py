@@ -4,6 +4,7 @@
     optim.py      AdamW parameter groups (what decays), warmup + cosine schedule
     callbacks.py  exact-resume RNG state, overfit replay, ThroughputMonitor's batch functions
     run.py        what ``train.py`` calls: Hydra config -> objects -> fit -> test
+    fsdp.py       FSDP2 (``trainer=fsdp``): the strategy, sharding, decoding and even evaluation batches
     export.py     ``python -m vlm_mamba.export``: a .ckpt -> a ``save_pretrained`` folder
 
 Imports run one way: ``training`` may import ``evaluation`` (validation decodes and scores),
@@ -30,6 +31,7 @@ _NAMES = {
     "get_rng_state": "callbacks",
     "set_rng_state": "callbacks",
     "export": "export",
+    "FSDP2Strategy": "fsdp",
     # the names of the former module vlm_mamba/training.py, now run.py (its `run` is run.run)
     "TrainingError": "run",
     "ConfigError": "run",
