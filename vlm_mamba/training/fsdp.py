@@ -105,8 +105,9 @@ class FSDP2Strategy(ModelParallelStrategy):
         super().setup_environment()
 
     def setup(self, trainer) -> None:
-        # FSDP2 under inference_mode allocates inference tensors into the units it gathers, which
-        # the next training step then cannot update: evaluate under no_grad (gloo forces it anyway)
+        # evaluate under no_grad, as Lightning does for FSDP1 (pytorch#95957: inference tensors in
+        # the gathered parameters). FSDP2 trained on after an inference_mode forward + decode on
+        # the CPU here, but CUDA is unchecked, and no_grad costs evaluation nothing measurable
         for loop in (trainer.fit_loop.epoch_loop.val_loop, trainer.validate_loop, trainer.test_loop):
             loop.inference_mode = False
         trainer.predict_loop.inference_mode = False
