@@ -13,6 +13,11 @@ prompt_mask, question_ids, image_ids, questions, answers, question_types, answer
 
 A sample whose image does not decode is dropped from its batch and counted in ``skipped`` (the batch
 is one smaller; the positions of later batches do not move, which exact resume relies on).
+
+With a :class:`MemoryBudget` (the DataModules' ``cache_mb``, training only) the processor keeps each
+decoded, resized image (keyed by its bytes) and each tokenized (prompt, target) pair after their first
+use, while the budget lasts: a dataset that fits in memory (the shapes demo) is decoded and tokenized
+once per process instead of once per visit. The batches are the same, value for value.
 """
 
 from __future__ import annotations
@@ -32,6 +37,23 @@ from .transforms import FuyuTransform, make_transform, normalize
 log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
+
+
+class MemoryBudget:
+    """Bytes a process may spend on caches (decoded images, tokenized texts, shard samples); a cache
+    that finds the budget spent stops adding entries (what it holds stays)."""
+
+    def __init__(self, mb: float):
+        if mb < 0:
+            raise ValueError(f"cache budget {mb} MB must be >= 0")
+        self.left = int(mb * 2**20)
+
+    def take(self, nbytes: int) -> bool:
+        """Reserve ``nbytes``; False (nothing reserved) when they do not fit."""
+        if nbytes > self.left:
+            return False
+        self.left -= nbytes
+        return True
 
 
 @dataclass
@@ -86,6 +108,7 @@ class Processor:
         vision_mode: ``encoder`` (square ``img_size``) or ``fuyu`` (aspect kept, ``max_img_size``).
         max_text_len: tokens per training sequence, BOS and EOS included; also caps eval prompts.
         pad_to_multiple_of: round the padded text length up (1 = no rounding).
+        cache: a :class:`MemoryBudget` for the image and text caches (None: no caching).
     """
 
     tokenizer: TextTokenizer
@@ -97,6 +120,7 @@ class Processor:
     caption_template: str = ""
     vqa_template: str = "Question: {q} Answer:"
     pad_to_multiple_of: int = 1
+    cache: MemoryBudget | None = None
     skipped: int = field(default=0, init=False)  # images that failed to decode
     attempts: int = field(default=0, init=False)  # images decoded or tried
 
@@ -104,17 +128,26 @@ class Processor:
         self.transform = make_transform(self.vision_mode, self.img_size, self.patch_size, self.max_img_size)
         if self.max_text_len < 3:
             raise ValueError(f"max_text_len={self.max_text_len} must be >= 3 (bos, one token, eos)")
+        self._images: dict[bytes, torch.Tensor] = {}  # image bytes -> transformed uint8 (3, h, w)
+        self._texts: dict[tuple[str, str], tuple[list[int], list[int]]] = {}
 
     # -- images --------------------------------------------------------------------------------------
     def decode(self, key: str, data: bytes) -> torch.Tensor | None:
-        """uint8 (3, h, w), or None (counted, logged) when the bytes do not decode."""
+        """uint8 (3, h, w), or None (counted, logged) when the bytes do not decode. Never modify the
+        result in place: with a cache it is the cached tensor."""
         self.attempts += 1
+        hit = self._images.get(data) if self.cache is not None else None
+        if hit is not None:
+            return hit
         try:
-            return self.transform(load_image(data, draft_size=self.transform.draft_size))
+            img = self.transform(load_image(data, draft_size=self.transform.draft_size))
         except ImageDecodeError as err:
             self.skipped += 1
             log.warning("skipping sample %s: %s", key, err)
             return None
+        if self.cache is not None and self.cache.take(img.nbytes + len(data) + 200):
+            self._images[bytes(data)] = img
+        return img
 
     def stack_images(self, imgs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
         """-> {"images": (b, 3, H, W)} [+ fuyu: "image_sizes" (b, 2), canvas zero (= mean colour) padded]."""
@@ -138,11 +171,17 @@ class Processor:
 
     def train_sequence(self, prompt: str, target: str) -> tuple[list[int], list[int]]:
         """-> (input_ids, labels) for ``[bos] prompt target [eos]``, truncated to ``max_text_len``
-        (the target is cut and then carries no EOS)."""
+        (the target is cut and then carries no EOS). Never modify the lists: they may be cached."""
+        hit = self._texts.get((prompt, target)) if self.cache is not None else None
+        if hit is not None:
+            return hit
         head = self._prompt_ids(prompt)
         tgt = self.tokenizer.encode(target_text(target, prompt)) + [self.tokenizer.eos_token_id]
         tgt = tgt[: self.max_text_len - len(head)]
-        return head + tgt, [IGNORE_INDEX] * len(head) + tgt
+        out = head + tgt, [IGNORE_INDEX] * len(head) + tgt
+        if self.cache is not None and self.cache.take(2 * 8 * len(out[0]) + len(prompt) + len(target) + 300):
+            self._texts[(prompt, target)] = out
+        return out
 
     # -- batches -------------------------------------------------------------------------------------
     def train_batch(self, pairs: list[RawPair]) -> dict[str, Any] | None:

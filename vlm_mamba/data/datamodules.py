@@ -24,6 +24,7 @@ rather than calling collectives per validation step.
 from __future__ import annotations
 
 import logging
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from .collate import Processor
+from .collate import MemoryBudget, Processor
 from .pipeline import SKIPPED_KEY, EvalStream, TrainStream
 from .prompts import CAPTION_PROMPT, VQA_PROMPT, check_template
 from .shards import read_manifest, shard_urls
@@ -40,6 +41,14 @@ from .tokenizer import TextTokenizer
 log = logging.getLogger(__name__)
 
 SHAPES_DATASETS = ("shapes", "shapes_vqa")
+
+# Lightning warns about every IterableDataset with a ``__len__`` that it "could be inaccurate" with
+# several loader workers "if each worker is not configured independently". Ours are: each worker
+# plays its own stream, and the lengths are exact by construction (``pipeline.worker_batches``,
+# tested in tests/test_data_loaders.py), so the warning has nothing to say about these loaders.
+warnings.filterwarnings(
+    "ignore", message=r"Your `IterableDataset` has `__len__` defined", category=UserWarning
+)
 
 
 class _EpochSampler(Sampler):
@@ -156,6 +165,7 @@ class _StreamingDataModule(L.LightningDataModule):
         rank: int | None = None,
         world_size: int | None = None,
         build_shapes_if_missing: bool = True,
+        cache_mb: float = 0,
     ):
         super().__init__()
         for name, v in (
@@ -167,6 +177,8 @@ class _StreamingDataModule(L.LightningDataModule):
                 raise ValueError(f"data.{name}={v} must be >= 1")
         if num_workers < 0:
             raise ValueError(f"data.num_workers={num_workers} must be >= 0")
+        if cache_mb < 0:
+            raise ValueError(f"data.cache_mb={cache_mb} must be >= 0")
         if batches_per_epoch is not None and batches_per_epoch < 1:
             raise ValueError(f"data.batches_per_epoch={batches_per_epoch} must be >= 1 (or null)")
         if vision_mode not in ("encoder", "fuyu"):
@@ -198,6 +210,7 @@ class _StreamingDataModule(L.LightningDataModule):
         self.max_skip_fraction = max_skip_fraction
         self._rank, self._world_size = rank, world_size
         self.build_shapes_if_missing = build_shapes_if_missing
+        self.cache_mb = float(cache_mb)
         self.skipped_samples = 0
         self._tokenizer: TextTokenizer | None = None
         self._train_loader: TrainLoader | None = None
@@ -251,7 +264,8 @@ class _StreamingDataModule(L.LightningDataModule):
             return trainer.global_rank, trainer.world_size
         return 0, 1
 
-    def processor(self) -> Processor:
+    def processor(self, cache_mb: float = 0) -> Processor:
+        """The decode/tokenize/collate stage; ``cache_mb`` > 0 gives it (and its stream) a cache budget."""
         return Processor(
             tokenizer=self.tokenizer,
             vision_mode=self.vision_mode,
@@ -262,6 +276,7 @@ class _StreamingDataModule(L.LightningDataModule):
             caption_template=self._caption_template,
             vqa_template=self._vqa_template,
             pad_to_multiple_of=self.pad_to_multiple_of,
+            cache=MemoryBudget(cache_mb) if cache_mb > 0 else None,
         )
 
     def split_shards(self, dataset: str, split: str, kind: str) -> tuple[list[str], list[int]]:
@@ -288,7 +303,7 @@ class _StreamingDataModule(L.LightningDataModule):
         sources, weights = self._train_sources()
         stream = TrainStream(
             sources,
-            self.processor(),
+            self.processor(self.cache_mb),
             self.batch_size,
             self.batches_per_epoch(),
             self.seed,
@@ -381,6 +396,11 @@ class CaptionDataModule(_StreamingDataModule):
         max_skip_fraction: more corrupt samples than this fraction (after 10) is an error.
         rank, world_size: override torch.distributed (tests, custom launchers).
         build_shapes_if_missing: ``prepare_data`` builds the shapes dataset when it is asked for and absent.
+        cache_mb: memory (MB) the training stream may keep per process (each loader worker its own):
+            shards after their first read, decoded and resized images, tokenized texts after their
+            first use. A dataset that fits (the shapes demo, ~250 MB) is then read, decoded and
+            tokenized once per process, not once per visit; the batches are the same. 0 (the
+            default): no caching, for data that does not fit (COCO streams ~160 KB per image).
     """
 
     def __init__(self, *args: Any, prompt: str | None = None, **kwargs: Any):

@@ -21,6 +21,10 @@ Corrupt data (an unreadable tar member, bad JSON, an undecodable image) is skipp
 the count travels with the next batch under ``_skipped`` (the loader pops it). More than
 ``max_skip_fraction`` of the samples seen (after the first 10 skips) raises: bulk corruption is a bug
 to fix, not noise to ignore.
+
+Caching (``cache_mb`` of the DataModules; the processor's :class:`~vlm_mamba.data.collate.MemoryBudget`):
+a training shard read without error is kept in memory while the budget lasts (:class:`ShardCache`),
+so a resampled shard is parsed from its tar once per process. The stream is the same sample for sample.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ from typing import Any
 
 from torch.utils.data import IterableDataset, get_worker_info
 
-from .collate import Processor, RawImage, RawPair
+from .collate import MemoryBudget, Processor, RawImage, RawPair
 from .images import IMAGE_KEYS
 from .prompts import caption_prompt, vqa_prompt
 from .shards import iter_tar_samples
@@ -77,6 +81,37 @@ def shuffled(items: Iterator, bufsize: int, rng: random.Random) -> Iterator:
         yield x
     rng.shuffle(buf)
     yield from buf
+
+
+class ShardCache:
+    """The raw samples of whole shards, kept after a first read that raised no error while ``budget``
+    lasts; later reads of a kept shard come from memory (the samples as the tar gave them)."""
+
+    def __init__(self, budget: MemoryBudget):
+        self.budget = budget
+        self.shards: dict[str, list[dict[str, Any]]] = {}
+
+    def samples(self, urls: Iterator[str], handler) -> Iterator[dict[str, Any]]:
+        """``iter_tar_samples(urls, handler)``, one shard at a time, kept shards from memory."""
+        for url in urls:
+            kept = self.shards.get(url)
+            if kept is not None:
+                yield from (dict(s) for s in kept)
+                continue
+            errors = 0
+
+            def counted(exn: Exception) -> bool:
+                nonlocal errors
+                errors += 1
+                return handler(exn)
+
+            read = []
+            for sample in iter_tar_samples([url], handler=counted):
+                read.append(dict(sample))
+                yield sample
+            size = sum(len(v) + 100 for s in read for v in s.values() if isinstance(v, bytes | str))
+            if not errors and self.budget.take(size):
+                self.shards[url] = read
 
 
 class _Stream(IterableDataset):
@@ -176,6 +211,7 @@ class TrainStream(_Stream):
         self.shuffle_buffer = shuffle_buffer
         self.epoch = 0
         self.skip_batches = 0  # batches of this epoch already consumed on this rank
+        self.shard_cache = ShardCache(processor.cache) if processor.cache is not None else None
 
     def __len__(self) -> int:
         return self.batches_per_epoch
@@ -199,7 +235,11 @@ class TrainStream(_Stream):
         rng_shards, rng_shuf, rng_pick = (
             random.Random(stream_seed(*parts, s)) for s in ("shards", "shuffle", "pick")
         )
-        samples = iter_tar_samples(self._resampled(urls, rng_shards), handler=self.tar_error)
+        shards = self._resampled(urls, rng_shards)
+        if self.shard_cache is not None:
+            samples = self.shard_cache.samples(shards, self.tar_error)
+        else:
+            samples = iter_tar_samples(shards, handler=self.tar_error)
         samples = shuffled(samples, self.shuffle_buffer, rng_shuf)
         proc = self.processor
         for sample in samples:

@@ -125,6 +125,7 @@ def cpu_unavailable_reason() -> str | None:
     return _cpu.unavailable_reason()
 
 
+@torch.compiler.assume_constant_result  # torch.compile: a constant of the trace, not traced (it stats files)
 def kernel_family(requested: str | None = "auto", device: torch.device | str | None = None) -> str:
     """The family ("cuda" | "cpu" | "torch" | "ref") that ops on ``device`` run with (resolved and logged once).
 

@@ -152,51 +152,101 @@ def _run(fn, ranges: list[tuple[int, int]], make_args) -> None:
         raise MemoryError("selective_scan_cpu: the kernel could not allocate its row buffers")
 
 
-class _SelectiveScanCPU(torch.autograd.Function):
+# The kernel as torch custom ops (``vlm_mamba::selective_scan_cpu`` and its backward), so that
+# ``torch.compile`` keeps the whole step in one graph around it: each op has a fake (meta) function
+# giving its outputs' shapes, and the forward's gradient is the backward op (``register_autograd``).
+# Optional results the backward has no value for (no D, z, delta_bias or h0) come back as empty
+# tensors: a custom op returns tensors only.
+
+
+@torch.library.custom_op("vlm_mamba::selective_scan_cpu", mutates_args=(), device_types="cpu")
+def scan_fwd(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
+    delta_bias: Tensor | None, softplus: bool, h0: Tensor | None,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
     """mamba_ssm's selective scan on the C kernel, channels last; see ``csrc/selective_scan_cpu.c``.
 
-    u, delta, z, y (b,l,e); A (n,e); B, C (b,g,l,n); D, delta_bias (e,); h0, h_last (b,e,n); D, z,
-    delta_bias, h0 may be None. All fp32 contiguous on the CPU, e / g a multiple of ``LANES``.
+    u, delta, z (b,l,e); A (n,e); B, C (b,g,l,n); D, delta_bias (e,); h0 (b,e,n); all fp32 on the CPU,
+    e / g a multiple of ``LANES``. Returns y (b,l,e) and the last state h_l (b,e,n).
     """
+    lib = load()
+    u, delta, A, B, C, D, z, delta_bias, h0 = _contiguous(u, delta, A, B, C, D, z, delta_bias, h0)
+    b, L, e = u.shape
+    n, g = A.shape[0], B.shape[1]
+    y = torch.empty_like(u)
+    h_last = u.new_empty(b, e, n)
+    ptrs = [_ptr(t) for t in (u, delta, A, B, C, D, z, delta_bias)]
+    _run(lib.vlm_scan_fwd, _row_ranges(b), lambda i: (
+        *ptrs, int(softplus), _ptr(h0), _ptr(y), _ptr(h_last), e, L, n, g,
+    ))  # fmt: skip
+    return y, h_last
 
-    @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, softplus, h0):
-        lib = load()
-        b, L, e = u.shape
-        n, g = A.shape[0], B.shape[1]
-        y = torch.empty_like(u)
-        h_last = u.new_empty(b, e, n)
-        ptrs = [_ptr(t) for t in (u, delta, A, B, C, D, z, delta_bias)]
-        _run(lib.vlm_scan_fwd, _row_ranges(b), lambda i: (
-            *ptrs, int(softplus), _ptr(h0), _ptr(y), _ptr(h_last), e, L, n, g,
-        ))  # fmt: skip
-        ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, h0)
-        ctx.softplus = softplus
-        return y, h_last
 
-    @staticmethod
-    def backward(ctx, dy, dh_last):
-        lib = load()
-        u, delta, A, B, C, D, z, delta_bias, h0 = ctx.saved_tensors
-        b, L, e = u.shape
-        n, g = A.shape[0], B.shape[1]
-        dy = torch.zeros_like(u) if dy is None else dy.float().contiguous()
-        dh_last = None if dh_last is None else dh_last.float().contiguous()
-        du, ddelta = torch.empty_like(u), torch.empty_like(delta)
-        dz = torch.empty_like(z) if z is not None else None
-        dB, dC = torch.zeros_like(B), torch.zeros_like(C)
-        ranges = _row_ranges(b)
-        acc = A.new_zeros(len(ranges), n + 2, e)  # per thread: dA (n rows), dD, d(delta_bias)
-        dh0 = torch.empty_like(h0) if h0 is not None else None
-        ptrs = [_ptr(t) for t in (u, delta, A, B, C, D, z, delta_bias)]
-        _run(lib.vlm_scan_bwd, ranges, lambda i: (
-            *ptrs, int(ctx.softplus), _ptr(h0), _ptr(dy), _ptr(dh_last), _ptr(du), _ptr(ddelta), _ptr(dz),
-            _ptr(acc[i]), _ptr(dB), _ptr(dC), _ptr(dh0), e, L, n, g,
-        ))  # fmt: skip
-        acc = acc.sum(0)
-        dD = acc[n] if D is not None else None
-        dbias = acc[n + 1] if delta_bias is not None else None
-        return du, ddelta, acc[:n], dB, dC, dD, dz, dbias, None, dh0
+@scan_fwd.register_fake
+def _scan_fwd_fake(u, delta, A, B, C, D, z, delta_bias, softplus, h0):
+    b, L, e = u.shape
+    return u.new_empty(b, L, e), u.new_empty(b, e, A.shape[0])
+
+
+@torch.library.custom_op("vlm_mamba::selective_scan_cpu_bwd", mutates_args=(), device_types="cpu")
+def scan_bwd(
+    u: Tensor, delta: Tensor, A: Tensor, B: Tensor, C: Tensor, D: Tensor | None, z: Tensor | None,
+    delta_bias: Tensor | None, softplus: bool, h0: Tensor | None, dy: Tensor, dh_last: Tensor,
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+    """Gradients of :func:`scan_fwd` (the kernel recomputes the states): du, ddelta (b,l,e), dA (n,e),
+    dB, dC (b,g,l,n), dD, d(delta_bias) (e,), dz (b,l,e), dh0 (b,e,n); empty (0,) where the input is None."""
+    lib = load()
+    u, delta, A, B, C, D, z, delta_bias, h0, dy, dh_last = _contiguous(
+        u, delta, A, B, C, D, z, delta_bias, h0, dy.float(), dh_last.float()
+    )
+    b, L, e = u.shape
+    n, g = A.shape[0], B.shape[1]
+    du, ddelta = torch.empty_like(u), torch.empty_like(delta)
+    dz = torch.empty_like(z) if z is not None else None
+    dB, dC = torch.zeros_like(B), torch.zeros_like(C)
+    ranges = _row_ranges(b)
+    acc = A.new_zeros(len(ranges), n + 2, e)  # per thread: dA (n rows), dD, d(delta_bias)
+    dh0 = torch.empty_like(h0) if h0 is not None else None
+    ptrs = [_ptr(t) for t in (u, delta, A, B, C, D, z, delta_bias)]
+    _run(lib.vlm_scan_bwd, ranges, lambda i: (
+        *ptrs, int(softplus), _ptr(h0), _ptr(dy), _ptr(dh_last), _ptr(du), _ptr(ddelta), _ptr(dz),
+        _ptr(acc[i]), _ptr(dB), _ptr(dC), _ptr(dh0), e, L, n, g,
+    ))  # fmt: skip
+    acc = acc.sum(0)  # (n+2, e); the rows are copied out: a custom op's results may not alias
+    none = lambda: u.new_empty(0)  # one tensor per slot, for the same reason
+    return (
+        du, ddelta, acc[:n].clone(), dB, dC, acc[n].clone() if D is not None else none(),
+        dz if dz is not None else none(), acc[n + 1].clone() if delta_bias is not None else none(),
+        dh0 if dh0 is not None else none(),
+    )  # fmt: skip
+
+
+@scan_bwd.register_fake
+def _scan_bwd_fake(u, delta, A, B, C, D, z, delta_bias, softplus, h0, dy, dh_last):
+    like = lambda t: torch.empty_like(t, memory_format=torch.contiguous_format)
+    opt = lambda t: u.new_empty(0) if t is None else like(t)
+    return like(u), like(delta), like(A), like(B), like(C), opt(D), opt(z), opt(delta_bias), opt(h0)
+
+
+def _scan_setup_context(ctx, inputs, output):
+    u, delta, A, B, C, D, z, delta_bias, softplus, h0 = inputs
+    ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, h0)
+    ctx.softplus = softplus
+
+
+def _scan_backward(ctx, dy, dh_last):
+    u, delta, A, B, C, D, z, delta_bias, h0 = ctx.saved_tensors
+    grads = scan_bwd(u, delta, A, B, C, D, z, delta_bias, ctx.softplus, h0, dy, dh_last)
+    du, ddelta, dA, dB, dC, dD, dz, dbias, dh0 = grads
+    keep = lambda g, t: None if t is None else g
+    return du, ddelta, dA, dB, dC, keep(dD, D), keep(dz, z), keep(dbias, delta_bias), None, keep(dh0, h0)
+
+
+scan_fwd.register_autograd(_scan_backward, setup_context=_scan_setup_context)
+
+
+def _contiguous(*ts: Tensor | None) -> list[Tensor | None]:
+    return [None if t is None else t.contiguous() for t in ts]
 
 
 def _channels_last(x: Tensor) -> Tensor:
@@ -236,7 +286,7 @@ def selective_scan_cpu(
         h_last = h0 if h0 is not None else u.float().new_zeros(b, e, n)
     else:
         opt = lambda t: None if t is None else t.float().contiguous()
-        y, h_last = _SelectiveScanCPU.apply(
+        y, h_last = scan_fwd(
             _channels_last(u), _channels_last(delta), A.float().t().contiguous(), _time_major_state(B),
             _time_major_state(C), opt(D), None if z is None else _channels_last(z), opt(delta_bias),
             bool(delta_softplus), h0,

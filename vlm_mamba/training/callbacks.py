@@ -1,4 +1,5 @@
-"""Lightning callbacks that exact resume needs beyond what Lightning checkpoints by itself.
+"""Lightning callbacks: what exact resume needs beyond Lightning's checkpoint, ``torch.compile`` of
+the network for training, a step-based progress bar, and the console's known-harmless noise.
 
 Lightning's checkpoint holds the model, optimiser, scheduler and loop progress (step, batch in
 epoch). It does not hold the random number generators, so a resumed run would draw different
@@ -7,13 +8,55 @@ dropout masks and sampling noise than an uninterrupted one. :class:`RNGStateChec
 
 from __future__ import annotations
 
+import logging
 import random
-from collections.abc import Mapping
+import shutil
+import time
+import warnings
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import RichProgressBar
+
+log = logging.getLogger(__name__)
+
+
+def silence_known_noise() -> None:
+    """Filter the console lines of every training run that no user can act on (idempotent).
+
+    - torch 2.14 deprecated ``isinstance(spec, LeafSpec)``; Lightning 2.6's ``_pytree`` still calls it
+      on every ``training_step`` output (a FutureWarning about Lightning's code, fixed upstream).
+    - Lightning's "Tip: ... litlogger" advert, and its note that our ``RichModelSummary`` callback
+      replaces its default summary (the config chose it).
+
+    The ``IterableDataset`` ``__len__`` warning is filtered next to its cause, in
+    ``vlm_mamba.data.datamodules``.
+    """
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+    )
+    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropMessages) for f in rank_zero.filters):
+        rank_zero.addFilter(
+            _DropMessages(
+                ("💡 Tip: For seamless cloud logging", "Trainer already configured with model summary")
+            )
+        )
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, prefixes: Sequence[str]) -> None:
+        super().__init__()
+        self.prefixes = tuple(prefixes)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+silence_known_noise()  # imported by the LightningModule: every training process gets it
 
 
 def get_rng_state() -> dict[str, Any]:
@@ -134,3 +177,147 @@ def batch_size_of(batch: Mapping[str, Any]) -> int:
 def tokens_of(batch: Mapping[str, Any]) -> int:
     """Real text tokens in a batch (training sequences, or evaluation prompts); the monitor's items."""
     return int((batch["attention_mask"] if "attention_mask" in batch else batch["prompt_mask"]).sum())
+
+
+class StepProgressBar(RichProgressBar):
+    """Rich progress bar of a step-based run: one training bar, optimiser steps against
+    ``trainer.max_steps`` across epochs, with time elapsed and remaining.
+
+    Lightning's bar counts the batches of each epoch, and a streamed epoch is only a resume unit
+    here, so a 4000-step demo showed ``Epoch 6/-2 ... 250/625``. Without ``max_steps`` (an
+    epoch-based run) this is Lightning's bar. ``refresh_rate`` is redraws per second (Rich's
+    refresh thread; Lightning's default of 100 a second costs a 2-core machine ~1% of its time).
+    """
+
+    def __init__(self, refresh_rate: int = 4, **kwargs: Any) -> None:
+        super().__init__(refresh_rate=refresh_rate, **kwargs)
+
+    def _by_steps(self) -> bool:
+        max_steps = self.trainer.max_steps
+        return max_steps is not None and max_steps > 0
+
+    @property
+    def total_train_batches(self) -> int | float:
+        return self.trainer.max_steps if self._by_steps() else super().total_train_batches
+
+    def _get_train_description(self, current_epoch: int) -> str:
+        if not self._by_steps():
+            return super()._get_train_description(current_epoch)
+        return f"{'Training':{len(self.validation_description)}}"
+
+    def on_train_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not self._by_steps():
+            return super().on_train_epoch_start(trainer, pl_module)
+        if self.is_enabled and self.progress is not None and self.train_progress_bar_id is None:
+            self._initialize_train_progress_bar_id()  # once per run: epochs do not reset it
+            self._update(self.train_progress_bar_id, trainer.global_step)
+
+    def on_train_batch_end(
+        self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if not self._by_steps():
+            return super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if self.is_enabled and self.train_progress_bar_id is None:
+            self._initialize_train_progress_bar_id()
+        self._update(self.train_progress_bar_id, trainer.global_step)
+        self._update_metrics(trainer, pl_module)
+
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)  # the logger's version folder, not a metric
+        return items
+
+
+def cpp_compiler_missing() -> str | None:
+    """None when a C++ compiler for inductor's CPU kernels is on the PATH, else why not ($CXX wins)."""
+    import os
+
+    cxx = os.environ.get("CXX", "").strip()
+    if cxx:
+        return None if shutil.which(cxx) else f"$CXX={cxx!r} is not an executable on the PATH"
+    if any(shutil.which(c) for c in ("g++", "clang++", "c++")):
+        return None
+    return "no C++ compiler (g++, clang++ or c++) on the PATH"
+
+
+@torch.compiler.disable
+def _smoke_test_compile() -> str | None:
+    """Compile one tiny function with inductor: None if that works, else the error in one line."""
+    try:
+        torch._dynamo.reset()
+        f = torch.compile(lambda x: torch.nn.functional.silu(x) * 2 + 1, dynamic=False)
+        x = torch.linspace(-2, 2, 16)
+        torch.testing.assert_close(f(x), torch.nn.functional.silu(x) * 2 + 1)
+    except Exception as err:  # a missing compiler or header, a failed build, ...
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        return f"{type(err).__name__}: {first[:300]}"
+    return None
+
+
+class CompileModel(L.Callback):
+    """``torch.compile`` (inductor) of parts of the network, used while training only.
+
+    Each module named in ``modules`` (attribute paths under ``pl_module.model``) gets a forward that
+    runs its compiled twin when the module is in training mode with gradients enabled, and its own
+    eager forward otherwise: validation's teacher-forced loss, decoding and the state dict are those
+    of the plain module, and no second graph is compiled for them. The compiled CPU scan is a torch
+    custom op (``vlm_mamba::selective_scan_cpu``), so the graph does not break around it.
+
+    Off, with the reason logged (and kept in :attr:`off_reason`), when inductor cannot build kernels
+    here: no C++ compiler for CPU tensors (checked first), or a tiny test compile that fails.
+
+    Args:
+        modules: attribute paths of ``pl_module.model`` to compile, e.g. ``[vision, language]``.
+        dynamic: attribute paths compiled with dynamic shapes (text lengths differ per batch: one
+            graph for all of them instead of one compile per length); the others are static.
+        mode: ``torch.compile`` mode (None: the default).
+        enabled: False leaves the network eager (``callbacks.compile.enabled=false``).
+    """
+
+    def __init__(
+        self,
+        modules: Sequence[str] = ("vision", "language"),
+        dynamic: Sequence[str] = ("language",),
+        mode: str | None = None,
+        enabled: bool = True,
+    ) -> None:
+        self.modules, self.dynamic, self.mode, self.enabled = list(modules), set(dynamic), mode, enabled
+        self.off_reason: str | None = None
+        self.compiled: list[str] = []
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage != "fit" or self.compiled or not self.enabled:
+            return
+        model = pl_module.model
+        if pl_module.device.type == "cpu":
+            self.off_reason = cpp_compiler_missing()
+        if self.off_reason is None:
+            t0 = time.perf_counter()
+            self.off_reason = _smoke_test_compile()
+            log.debug("torch.compile smoke test: %.1f s", time.perf_counter() - t0)
+        if self.off_reason is not None:
+            log.warning("torch.compile is off (training runs eager, slower): %s", self.off_reason)
+            return
+        for path in self.modules:
+            mod = model.get_submodule(path)
+            _compile_for_training(mod, dynamic=path in self.dynamic, mode=self.mode)
+            self.compiled.append(path)
+        log.info(
+            "torch.compile (inductor%s) for training: model.%s; the first steps compile them",
+            f", mode={self.mode}" if self.mode else "",
+            ", model.".join(self.compiled),
+        )
+
+
+def _compile_for_training(mod: torch.nn.Module, dynamic: bool, mode: str | None) -> None:
+    """Give ``mod`` a forward that runs ``torch.compile(mod.forward)`` while training with grads."""
+    eager = mod.forward
+    compiled = torch.compile(eager, dynamic=dynamic, mode=mode)
+
+    def forward(*args: Any, **kwargs: Any) -> Any:
+        if mod.training and torch.is_grad_enabled():
+            return compiled(*args, **kwargs)
+        return eager(*args, **kwargs)
+
+    forward.__wrapped__ = eager  # type: ignore[attr-defined]
+    mod.forward = forward
