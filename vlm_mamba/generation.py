@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 StepFn = Callable[[torch.Tensor, Any], tuple[torch.Tensor, Any]]
+DECODERS = ("auto", "functional", "inplace", "graph")
 
 
 @dataclass
@@ -34,6 +35,11 @@ class GenerationConfig:
     pad_token_id: int = 0
     length_penalty: float = 1.0
     seed: int | None = None
+    # how the model steps (vlm_mamba.models.decoding): "functional" (step(tokens, state) -> new
+    # state: the reference), "inplace" (a DecodeCache updated in place), "graph" (that step replayed
+    # as one CUDA graph per batch shape), "auto" (graph on CUDA with the kernels, else functional)
+    decoder: str = "auto"
+    sync_every: int = 8  # greedy/sampling: the loop reads "all rows done?" back every this many tokens
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -48,6 +54,10 @@ class GenerationConfig:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder={self.decoder!r}: expected one of {DECODERS}")
+        if self.sync_every < 1:
+            raise ValueError(f"sync_every must be >= 1, got {self.sync_every}")
 
 
 def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
@@ -78,7 +88,8 @@ def decode(step_fn: StepFn, state: Any, logits: torch.Tensor, cfg: GenerationCon
         gen = torch.Generator(device=logits.device).manual_seed(cfg.seed)
     b = logits.shape[0]
     done = torch.zeros(b, dtype=torch.bool, device=logits.device)
-    out = []
+    out = torch.full((b, cfg.max_new_tokens), cfg.pad_token_id, dtype=torch.long, device=logits.device)
+    n = cfg.max_new_tokens  # columns to return: up to the step where the last row finished
     for i in range(cfg.max_new_tokens):
         if cfg.do_sample:
             probs = filter_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
@@ -86,13 +97,28 @@ def decode(step_fn: StepFn, state: Any, logits: torch.Tensor, cfg: GenerationCon
         else:
             tok = logits.argmax(-1)  # (b,)
         tok = tok.masked_fill(done, cfg.pad_token_id)
-        out.append(tok)
+        out[:, i] = tok
         if cfg.eos_token_id is not None:
             done |= tok == cfg.eos_token_id
-        if bool(done.all()) or i == cfg.max_new_tokens - 1:
+        last = i == cfg.max_new_tokens - 1
+        # the exit test reads the device: only every sync_every tokens (a finished row's extra
+        # steps emit padding, cut below), so the loop otherwise only launches work
+        if not last and (i + 1) % cfg.sync_every == 0 and bool(done.all()):
+            n = i + 1
+            break
+        if last:
             break
         logits, state = step_fn(tok, state)
-    return torch.stack(out, dim=1)
+    return _trim(out[:, :n], done, cfg)
+
+
+def _trim(out: torch.Tensor, done: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
+    """Drop trailing columns after the step at which every row had emitted its EOS (one host read)."""
+    if cfg.eos_token_id is None or not bool(done.all()):
+        return out
+    is_eos = out == cfg.eos_token_id  # (b, n)
+    first = torch.where(is_eos.any(1), is_eos.float().argmax(1), out.shape[1] - 1)  # (b,)
+    return out[:, : int(first.max()) + 1]
 
 
 def _beam_search(step_fn: StepFn, state: Any, logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:

@@ -90,6 +90,10 @@ class Block(nn.Module):
             return residual + y, new_state
         return residual + out
 
+    def step_(self, x: Tensor, state: MixerState, A: Tensor | None = None) -> Tensor:
+        """One token, ``state`` updated in place (``mixer.step_``): x (b,d) -> y (b,d)."""
+        return self._residual(x) + self.mixer.step_(self.norm(x.to(self.norm.weight.dtype)), state, A)
+
     def step(self, x: Tensor, state: MixerState, mask: Tensor | None = None) -> tuple[Tensor, MixerState]:
         """One token: x (b,d) -> (y (b,d), new MixerState)."""
         y, new_state = self.mixer.step(self.norm(x.to(self.norm.weight.dtype)), state, mask=mask)

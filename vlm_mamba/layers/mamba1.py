@@ -243,6 +243,26 @@ class MambaMixer(nn.Module):
         lengths = lengths if lengths is not None else torch.full((b,), L, device=x.device)
         return out, MixerState(ops.conv_window(xi, conv_init, lengths, self.d_conv), ssm)
 
+    def decode_A(self) -> Tensor:
+        """A = -exp(A_log) (e,n) fp32, as the one-token step reads it (the decoding cache computes it
+        once per generation instead of once per token)."""
+        return -torch.exp(self.A_log.float())
+
+    def step_(self, x: Tensor, state: MixerState, A: Tensor | None = None) -> Tensor:
+        """One token with ``state`` updated in place: x (b,d) -> y (b,d). The graph-capturable twin of
+        :meth:`step` (static buffers, the kernels' in-place updates); ``A`` from :meth:`decode_A`."""
+        xi, z = self.in_proj(x).chunk(2, dim=-1)  # (b,e)
+        xc = ops.causal_conv1d_update_(
+            xi, state.conv, self.conv1d.weight[:, 0], self.conv1d.bias, kernel=self.kernel
+        )
+        dt, B, C = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        dt = F.linear(dt, self.dt_proj.weight)  # (b,e), bias added in the update
+        y = ops.selective_state_update_(
+            state.ssm, xc, dt, self.decode_A() if A is None else A, B, C, self.D, z=z,
+            dt_bias=self.dt_proj.bias, dt_softplus=True, kernel=self.kernel,
+        )  # fmt: skip
+        return self.out_proj(y)
+
     def step(self, x: Tensor, state: MixerState, mask: Tensor | None = None) -> tuple[Tensor, MixerState]:
         """One token: x (b,d) -> (y (b,d), new MixerState). Rows with mask (b,) False keep their state."""
         xi, z = self.in_proj(x).chunk(2, dim=-1)  # (b,e)

@@ -173,6 +173,28 @@ class Mamba2Mixer(nn.Module):
         lengths = lengths if lengths is not None else torch.full((b,), L, device=x.device)
         return out, MixerState(ops.conv_window(xBC_in, conv_init, lengths, self.d_conv), ssm.float())
 
+    def decode_A(self) -> Tensor:
+        """A (h,p,n) fp32, per-head scalars broadcast as the one-token step reads them (computed once
+        per generation by the decoding cache)."""
+        h, p, n = self.nheads, self.headdim, self.d_state
+        return (-torch.exp(self.A_log.float()))[:, None, None].expand(h, p, n)
+
+    def step_(self, x: Tensor, state: MixerState, A: Tensor | None = None) -> Tensor:
+        """One token with ``state`` updated in place: x (b,d) -> y (b,d) (see ``MambaMixer.step_``)."""
+        b = x.shape[0]
+        h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
+        z, xBC, dt = self._split(self.in_proj(x))  # (b,e) (b,c) (b,h)
+        xBC = ops.causal_conv1d_update_(
+            xBC, state.conv, self.conv1d.weight[:, 0], self.conv1d.bias, kernel=self.kernel
+        )
+        xs, B, C = xBC.split([self.d_inner, g * n, g * n], dim=-1)
+        y = ops.selective_state_update_(
+            state.ssm, xs.reshape(b, h, p), dt[..., None].expand(b, h, p), self.decode_A() if A is None else A,
+            B.reshape(b, g, n), C.reshape(b, g, n), D=self.D[:, None].expand(h, p), z=None,
+            dt_bias=self.dt_bias[:, None].expand(h, p), dt_softplus=True, kernel=self.kernel,
+        )  # fmt: skip
+        return self.out_proj(self.norm(y.reshape(b, self.d_inner), z))
+
     def step(self, x: Tensor, state: MixerState, mask: Tensor | None = None) -> tuple[Tensor, MixerState]:
         """One token: x (b,d) -> (y (b,d), new MixerState). Rows with mask (b,) False keep their state."""
         b = x.shape[0]

@@ -188,6 +188,29 @@ class LanguageMamba(nn.Module):
         hs = ops.gather_time(h, pred.clamp_min(0))[target]  # (m,d)
         return ops.linear_cross_entropy(hs, self.lm_head.weight[: self.config.vocab_size], labels[target])
 
+    @torch.no_grad()
+    def generate(self, input_ids: Tensor, attention_mask: Tensor | None = None, **gen_kwargs: Any) -> Tensor:
+        """Prefill ``input_ids`` (b,l) (LEFT padded with ``attention_mask``) and decode:
+        ``gen_kwargs`` are ``vlm_mamba.generation.GenerationConfig`` fields (``max_new_tokens``,
+        ``num_beams``, ``do_sample``, ``eos_token_id``, ``decoder``: on CUDA a graph-captured
+        in-place step by default). Returns (b, n_new) token ids, padding after each row's EOS."""
+        from ..generation import GenerationConfig, decode
+        from .decoding import make_step_fn
+
+        cfg = GenerationConfig(**gen_kwargs)
+        out = self(input_ids, attention_mask=attention_mask, return_state=True, logits="last")
+        last = out.logits[:, -1]  # (b,V)
+        return decode(make_step_fn(self, cfg.decoder, last.device), out.state, last, cfg)
+
+    def step_(self, input_ids: Tensor, cache: Any) -> Tensor:
+        """One token per row with the decoding cache's state updated in place: input_ids (b,) ->
+        logits (b,V). ``cache`` is a ``vlm_mamba.models.decoding.DecodeCache`` (its buffers and the
+        layers' A, computed once); the graph-captured decoder replays exactly this."""
+        x = self.embedding(input_ids)  # (b,d)
+        for layer, st, A in zip(self.layers, cache.state, cache.A):
+            x = layer.step_(x, st, A)
+        return self._logits(self.norm_f(x.to(self.norm_f.weight.dtype)))
+
     def step(
         self,
         input_ids: Tensor | None = None,

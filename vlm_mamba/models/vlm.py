@@ -30,6 +30,7 @@ from ..generation import GenerationConfig, decode
 from ..layers.bridger import BridgerFFN
 from ..layers.lora import inject_lora, lora_modules, merge_lora, unmerge_lora
 from ..layers.patch_embed import FuyuPatchProjection
+from .decoding import make_step_fn
 from .language import LanguageMamba
 from .vision import VisionMamba
 
@@ -336,12 +337,7 @@ class VLMamba(nn.Module):
             last_real = ops.previous_real(F.pad(mask, (0, 1), value=True))[:, -1].clamp_min(0)  # (b,)
             out.logits = lm._logits(_gather_time(out.hidden_states, last_real[:, None]))  # (b, 1, V)
         last = out.logits[:, -1]  # (b, V): left padding puts every row's last real token last
-
-        def step_fn(tok: torch.Tensor, st):
-            o = lm.step(input_ids=tok, state=st)
-            return o.logits, o.state
-
-        return decode(step_fn, out.state, last, gcfg)
+        return decode(make_step_fn(lm, gcfg.decoder, last.device), out.state, last, gcfg)
 
     # ------------------------------------------------------------------ utilities
     def num_parameters(self, trainable_only: bool = False) -> dict[str, int]:

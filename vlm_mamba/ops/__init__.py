@@ -48,6 +48,8 @@ __all__ = [
     "causal_conv1d_channels_last",
     "causal_conv1d_update",
     "selective_state_update",
+    "causal_conv1d_update_",
+    "selective_state_update_",
     "mamba_inner",
     "fused_mamba_inner_available",
     "mamba_split_conv1d_scan",
@@ -267,6 +269,54 @@ def selective_state_update(
     ok = not _needs_grad(state, x, dt, A, B, C, D, z, dt_bias)
     fn = _impl("selective_state_update", kernel, x, cuda_ok=ok)
     return fn(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
+def causal_conv1d_update_(
+    x: Tensor,
+    conv_state: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    activation: str | None = "silu",
+    *,
+    kernel: str | None = "auto",
+) -> Tensor:
+    """One conv step that updates ``conv_state`` (b,e,k-1) in place: x (b,e) -> y (b,e).
+
+    The decoding cache's step (``vlm_mamba.models.decoding``): static buffers a CUDA graph can
+    replay. causal_conv1d's kernel mutates the state itself; elsewhere the functional step's result
+    is copied in. Inference only (no autograd through the state).
+    """
+    if kernel_family(kernel, x.device) == "cuda" and weight.shape[-1] in _CONV_WIDTHS:
+        from vlm_mamba.ops import cuda as _cuda
+
+        return _cuda.causal_conv1d_update_(x, conv_state, weight, bias, activation)
+    y, new = causal_conv1d_update(x, conv_state, weight, bias, activation, kernel=kernel)
+    conv_state.copy_(new)
+    return y
+
+
+def selective_state_update_(
+    state: Tensor,
+    x: Tensor,
+    dt: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None = None,
+    z: Tensor | None = None,
+    dt_bias: Tensor | None = None,
+    dt_softplus: bool = False,
+    *,
+    kernel: str | None = "auto",
+) -> Tensor:
+    """:func:`selective_state_update` with ``state`` updated in place (mamba_ssm's own semantics) -> y."""
+    if kernel_family(kernel, x.device) == "cuda":
+        from vlm_mamba.ops import cuda as _cuda
+
+        return _cuda.selective_state_update_(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+    y, new = selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, kernel=kernel)
+    state.copy_(new)
+    return y
 
 
 def fused_mamba_inner_available(kernel: str | None, x: Tensor, d_conv: int) -> bool:

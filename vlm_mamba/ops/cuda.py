@@ -119,6 +119,16 @@ def _initial_state_kernel_ok(A, C, *tensors) -> bool:
     return not grad
 
 
+def causal_conv1d_update_(x, conv_state, weight, bias=None, activation="silu"):
+    """x (b,e) -> y (b,e); ``conv_state`` (b,e,k-1), in x's dtype, updated in place (the kernel's own way)."""
+    return load().causal_conv1d_update(x, conv_state, weight, bias, activation)
+
+
+def selective_state_update_(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
+    """mamba_ssm's triton ``selective_state_update``, ``state`` updated in place -> y."""
+    return load().selective_state_update(state, x, dt, A, B, C, D, z, dt_bias, dt_softplus)
+
+
 def selective_state_update(state, x, dt, A, B, C, D=None, z=None, dt_bias=None, dt_softplus=False):
     """mamba_ssm's triton ``selective_state_update`` on a clone of ``state`` -> (y, new_state)."""
     new_state = state.clone()

@@ -1,0 +1,138 @@
+"""Decoding in place (vlm_mamba.models.decoding) against the functional step, per element.
+
+The CUDA graph that replays the in-place step is tested on the GPU (tests/test_gpu_decoding.py);
+here the same step runs eagerly: logits of every step, tokens, beams, cache reuse across calls."""
+
+import logging
+
+import pytest
+import torch
+
+from vlm_mamba import create_model
+from vlm_mamba.config import LanguageConfig
+from vlm_mamba.generation import GenerationConfig, decode
+from vlm_mamba.models import decoding
+from vlm_mamba.models.language import LanguageMamba
+
+
+def _lm(ssm: str) -> LanguageMamba:
+    torch.manual_seed(0)
+    lm = LanguageMamba(LanguageConfig(vocab_size=97, d_model=32, n_layers=2, d_state=8, headdim=16, ssm=ssm))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in lm.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.1)
+    return lm.eval()
+
+
+def _recording(step):
+    seen = []
+
+    def fn(tok, st):
+        logits, st = step(tok, st)
+        seen.append(logits.clone())
+        return logits, st
+
+    return fn, seen
+
+
+def _run(lm, ids, mask, decoder, **kw):
+    cfg = GenerationConfig(decoder=decoder, **kw)
+    with torch.no_grad():
+        out = lm(ids, attention_mask=mask, return_state=True, logits="last")
+        fn, seen = _recording(decoding.make_step_fn(lm, decoder, ids.device))
+        return decode(fn, out.state, out.logits[:, -1], cfg), seen
+
+
+def _prompts():
+    ids = torch.randint(3, 97, (3, 7), generator=torch.Generator().manual_seed(2))
+    mask = torch.ones(3, 7, dtype=torch.bool)
+    mask[1, :3] = False  # left padding
+    return ids, mask
+
+
+@pytest.mark.parametrize("ssm", ["mamba1", "mamba2"])
+@pytest.mark.parametrize("mode", [{}, {"num_beams": 3}, {"do_sample": True, "top_k": 20, "seed": 5}])
+def test_inplace_decoding_equals_the_functional_step(ssm, mode):
+    lm = _lm(ssm)
+    ids, mask = _prompts()
+    kw = dict(max_new_tokens=6, eos_token_id=None, **mode)
+    ref, ref_logits = _run(lm, ids, mask, "functional", **kw)
+    out, logits = _run(lm, ids, mask, "inplace", **kw)
+    assert torch.equal(out, ref)
+    assert len(logits) == len(ref_logits) == 5
+    for a, b in zip(logits, ref_logits):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_cache_is_reused_across_calls_and_follows_new_weights():
+    """One cache per model and batch shape; a second call loads its own prompt's state, and A is
+    refreshed from the current weights (a captured graph reads it by address)."""
+    lm = _lm("mamba1")
+    ids, mask = _prompts()
+    kw = dict(max_new_tokens=5, eos_token_id=None)
+    _run(lm, ids, mask, "inplace", **kw)
+    cache = next(iter(decoding._CACHES[lm].values()))
+    with torch.no_grad():
+        lm.layers[0].mixer.A_log.add_(0.3)
+    other = ids.flip(0)
+    out, logits = _run(lm, other, mask, "inplace", **kw)
+    ref, ref_logits = _run(lm, other, mask, "functional", **kw)
+    assert torch.equal(out, ref) and next(iter(decoding._CACHES[lm].values())) is cache
+    for a, b in zip(logits, ref_logits):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
+def test_beam_reorder_is_a_gather_into_the_same_buffers():
+    lm = _lm("mamba2")
+    with torch.no_grad():
+        st = lm(torch.randint(3, 97, (4, 5)), return_state=True).state
+    cache = decoding.DecodeCache(lm, st)
+    buffers = [(s.conv.data_ptr(), s.ssm.data_ptr()) for s in cache.state]
+    idx = torch.tensor([2, 2, 0, 3])  # rows repeated and dropped, as beams are
+    ref = st.index_select(idx)
+    assert cache.index_select(idx) is cache
+    assert [(s.conv.data_ptr(), s.ssm.data_ptr()) for s in cache.state] == buffers
+    for a, b in zip(cache.state, ref):
+        assert torch.equal(a.conv, b.conv) and torch.equal(a.ssm, b.ssm)
+
+
+def test_exit_checked_every_few_tokens_gives_the_same_tokens():
+    """The loop reads 'all done?' back every sync_every tokens; extra steps after the last EOS are
+    trimmed, so the output equals checking after every token."""
+    lm = _lm("mamba1")
+    ids, mask = _prompts()
+    ref, _ = _run(lm, ids, mask, "functional", max_new_tokens=12, eos_token_id=None)
+    eos = int(ref[0, 2])  # a token every row is likely to emit early: the first row's third
+    outs = [
+        _run(lm, ids, mask, "inplace", max_new_tokens=12, eos_token_id=eos, sync_every=k)[0]
+        for k in (1, 4, 8)
+    ]
+    assert all(torch.equal(o, outs[0]) for o in outs)
+    first = [(r == eos).nonzero()[0, 0].item() if (r == eos).any() else 11 for r in outs[0]]
+    assert outs[0].shape[1] == max(first) + 1
+
+
+def test_graph_off_the_gpu_runs_in_place_and_says_so(caplog):
+    lm = _lm("mamba1")
+    ids, mask = _prompts()
+    ref, _ = _run(lm, ids, mask, "functional", max_new_tokens=4, eos_token_id=None)
+    decoding._LOGGED.clear()
+    with caplog.at_level(logging.INFO, logger="vlm_mamba.models.decoding"):
+        out, _ = _run(lm, ids, mask, "graph", max_new_tokens=4, eos_token_id=None)
+    assert torch.equal(out, ref)
+    assert any("without a CUDA graph" in r.message for r in caplog.records)
+    assert decoding.make_step_fn(lm, "auto", "cpu").__name__ == "functional"
+
+
+def test_language_model_generate_and_vlm_generate_in_place():
+    lm = _lm("mamba2")
+    ids, mask = _prompts()
+    ref, _ = _run(lm, ids, mask, "functional", max_new_tokens=5, eos_token_id=None)
+    assert torch.equal(lm.generate(ids, mask, max_new_tokens=5, eos_token_id=None, decoder="inplace"), ref)
+    torch.manual_seed(0)
+    vlm = create_model("tiny", lora={"rank": 2}).eval()
+    images, prompt = torch.randn(2, 3, 32, 32), torch.randint(3, 500, (2, 4))
+    a = vlm.generate(images, prompt, max_new_tokens=5, eos_token_id=None, decoder="functional")
+    b = vlm.generate(images, prompt, max_new_tokens=5, eos_token_id=None, decoder="inplace", num_beams=1)
+    assert torch.equal(a, b)

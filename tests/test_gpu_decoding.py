@@ -1,0 +1,89 @@
+"""The graph-captured in-place decoder on CUDA against the eager functional step: same tokens and
+logits per element, Mamba-1 and Mamba-2, greedy, beams and sampling, the LM and VLMamba.generate,
+and a captured graph reused by a later call with new weights. ``pytest -m gpu tests/test_gpu_decoding.py``."""
+
+import pytest
+import torch
+
+from tests.gpu_util import DEV, DRY, close, kernels_missing
+from vlm_mamba import create_model
+from vlm_mamba.config import LanguageConfig
+from vlm_mamba.generation import GenerationConfig, decode
+from vlm_mamba.models import decoding
+from vlm_mamba.models.language import LanguageMamba
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(kernels_missing(), reason="needs CUDA and the mamba_ssm / causal_conv1d kernels"),
+]
+
+
+def _lm(ssm, dtype=torch.bfloat16):
+    torch.manual_seed(0)
+    cfg = LanguageConfig(
+        vocab_size=1000, d_model=256, n_layers=4, ssm=ssm, d_state=16 if ssm == "mamba1" else 64
+    )
+    lm = LanguageMamba(cfg).to(DEV)
+    with torch.no_grad():
+        for p in lm.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    return lm.to(dtype).eval()
+
+
+def _decode(lm, ids, decoder, **kw):
+    seen = []
+    step = decoding.make_step_fn(lm, decoder, ids.device)
+
+    def fn(tok, st):
+        logits, st = step(tok, st)
+        seen.append(logits.float().clone())
+        return logits, st
+
+    with torch.no_grad():
+        out = lm(ids, return_state=True, logits="last")
+        toks = decode(fn, out.state, out.logits[:, -1], GenerationConfig(decoder=decoder, **kw))
+    return toks, seen
+
+
+@pytest.mark.parametrize("ssm", ["mamba1", "mamba2"])
+@pytest.mark.parametrize("mode", [{}, {"num_beams": 3}, {"do_sample": True, "top_k": 50, "seed": 3}])
+@pytest.mark.parametrize("batch", [1, 4])
+def test_graph_decoding_equals_the_eager_step(ssm, mode, batch):
+    lm = _lm(ssm)
+    ids = torch.randint(3, 1000, (batch, 64), device=DEV)
+    kw = dict(max_new_tokens=12, eos_token_id=None, **mode)
+    ref, ref_logits = _decode(lm, ids, "functional", **kw)
+    out, logits = _decode(lm, ids, "graph", **kw)
+    assert torch.equal(out, ref)
+    for i, (a, b) in enumerate(zip(logits, ref_logits)):
+        close(a, b, 1e-2, 2e-2, what=f"{ssm} {mode} step {i}")  # bf16: the in-place kernels vs clones
+
+
+def test_graph_is_captured_once_and_follows_new_state_and_weights():
+    lm = _lm("mamba1")
+    ids = torch.randint(3, 1000, (2, 32), device=DEV)
+    _decode(lm, ids, "graph", max_new_tokens=4, eos_token_id=None)
+    cache = next(iter(decoding._CACHES[lm].values()))
+    graph = cache.graph
+    assert DRY or graph is not None, "the graph was not captured"
+    with torch.no_grad():
+        for layer in lm.layers:
+            layer.mixer.A_log.add_(0.1)
+            layer.mixer.out_proj.weight.mul_(1.1)
+    other = ids.flip(0)
+    out, logits = _decode(lm, other, "graph", max_new_tokens=6, eos_token_id=None)
+    ref, ref_logits = _decode(lm, other, "functional", max_new_tokens=6, eos_token_id=None)
+    assert cache.graph is graph  # replayed, not captured again
+    assert torch.equal(out, ref)
+    for a, b in zip(logits, ref_logits):
+        close(a, b, 1e-2, 2e-2, what="after new weights")
+
+
+def test_vlm_generate_with_the_graph_equals_functional():
+    torch.manual_seed(0)
+    vlm = create_model("small").to(DEV).to(torch.bfloat16).eval()
+    images = torch.randn(2, 3, 224, 224, device=DEV)
+    prompt = torch.randint(3, 5000, (2, 8), device=DEV)
+    a = vlm.generate(images, prompt, max_new_tokens=10, eos_token_id=None, decoder="functional")
+    b = vlm.generate(images, prompt, max_new_tokens=10, eos_token_id=None)  # auto: graph on CUDA
+    assert torch.equal(a, b)
