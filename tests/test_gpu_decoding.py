@@ -87,3 +87,19 @@ def test_vlm_generate_with_the_graph_equals_functional():
     a = vlm.generate(images, prompt, max_new_tokens=10, eos_token_id=None, decoder="functional")
     b = vlm.generate(images, prompt, max_new_tokens=10, eos_token_id=None)  # auto: graph on CUDA
     assert torch.equal(a, b)
+
+
+def test_graph_under_autocast_with_fp32_weights_equals_the_eager_step():
+    """Validation decodes under bf16-mixed autocast with fp32 weights: the graph is captured with
+    autocast's cast cache off, so it replays the casts instead of reading freed cached copies."""
+    lm = _lm("mamba1", dtype=torch.float32)
+    ids = torch.randint(3, 1000, (2, 32), device=DEV)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        ref, ref_logits = _decode(lm, ids, "functional", max_new_tokens=8, eos_token_id=None)
+        out, logits = _decode(lm, ids, "graph", max_new_tokens=8, eos_token_id=None)
+    torch.cuda.empty_cache()  # freed blocks are reused: a graph reading them would now go wrong
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        again, _ = _decode(lm, ids, "graph", max_new_tokens=8, eos_token_id=None)
+    assert torch.equal(out, ref) and torch.equal(again, ref)
+    for a, b in zip(logits, ref_logits):
+        close(a, b, 1e-2, 2e-2, what="autocast")

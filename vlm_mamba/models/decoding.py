@@ -18,7 +18,9 @@ measured 63 tok/s against stock ``generate(cg=True)``'s 948). Here, as in mamba_
   reference (tests compare logits per element) and the CPU default.
 
 Weights should be in the compute dtype (``model.to(torch.bfloat16)``) when decoding under a graph:
-an autocast region would re-cast every weight at every token.
+in an autocast region the graph is captured with autocast's cast cache off (a cached cast would be
+freed behind the graph's back), so every weight is re-cast at every token. Sharded (FSDP) models
+decode in place without a graph: their gathered weights move between calls.
 
 Shapes: ``b`` rows, ``V`` vocabulary.
 """
@@ -116,16 +118,19 @@ class GraphedStep:
         dev = cache.state[0].ssm.device
         if dev.type != "cuda":
             raise RuntimeError(f"CUDA graphs need CUDA tensors, the decoding state is on {dev}")
+        if any(type(m).__name__.startswith("FSDP") for m in lm.modules()):
+            # FSDP gathers the weights into new storage for each call: a graph would read stale memory
+            raise RuntimeError("the model's parameters are sharded (FSDP)")
         self.tokens = torch.zeros(cache.batch_size, dtype=torch.long, device=dev)
         saved = cache.snapshot()
         side = torch.cuda.Stream(device=dev)
         side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side), torch.no_grad():
+        with torch.cuda.stream(side), torch.no_grad(), _uncached_autocast():
             for _ in range(2):
                 lm.step_(self.tokens, cache)
         torch.cuda.current_stream(dev).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.no_grad():
+        with torch.cuda.graph(self.graph), torch.no_grad(), _uncached_autocast():
             self.logits = lm.step_(self.tokens, cache)
         cache.load_(saved)
 
@@ -133,6 +138,17 @@ class GraphedStep:
         self.tokens.copy_(tokens)
         self.graph.replay()
         return self.logits
+
+
+def _uncached_autocast():
+    """Inside an autocast region, the same autocast without its weight-cast cache: a cached cast
+    made before the capture would not be recorded in the graph, and its memory is freed when the
+    region ends (torch's CUDA graphs notes). The casts then replay with the graph, every token."""
+    import contextlib
+
+    if not torch.is_autocast_enabled("cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
 
 
 def _root(t: Tensor) -> Tensor:
