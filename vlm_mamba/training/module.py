@@ -342,6 +342,10 @@ class VLMambaLitModule(L.LightningModule):
                 getattr(strategy, "reshard_after_forward", True),
                 getattr(strategy, "compute_dtype", None),
             )
+            if is_sharded(self.model):
+                # the functional step: a captured CUDA graph (decoder="auto" on CUDA) keeps the
+                # addresses of the gathered weights, which FSDP2 frees at reshard and allocates anew
+                gen = {**gen, "decoder": "functional"}
             with unsharded(self.model, reshard, dtype):
                 preds = self.predict_batch(batch, gen)
             if pad:
