@@ -386,3 +386,36 @@ def test_sharded_model_forward_decoding_and_groups():
     out = _spawn(_sharded_decoding)
     for rank, result in out.items():
         assert all(result), (rank, result)
+
+
+@pytest.mark.slow  # one torchrun of 2 processes (~20 s)
+def test_evaluate_py_on_two_ranks_reads_the_sharded_checkpoint(runs, shapes_dir, tmp_path):
+    """evaluate.py under torchrun: each rank reads the whole model from the DCP folder and decodes
+    its share (no collective per batch, so uneven shares need no padding); rank 0's results hold
+    every question exactly once and equal a one-process evaluation."""
+    import json
+
+    ckpt = runs["fsdp"] / "checkpoints" / "last.ckpt"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    common = [f"ckpt_path={ckpt}", "task=vqav2", "split=val", f"data_dir={shapes_dir}", "batch_size=4"]
+    out = {}
+    for name, launcher in (
+        ("one", [sys.executable]),
+        ("two", [sys.executable, "-m", "torch.distributed.run"]),
+    ):
+        cmd = [*launcher, *(["--nproc_per_node", "2"] if name == "two" else []), str(ROOT / "evaluate.py")]
+        r = subprocess.run(
+            [*cmd, *common, f"hydra.run.dir={tmp_path / name}"],
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=tmp_path,
+            timeout=300,
+        )
+        assert r.returncode == 0, r.stderr[-3000:]
+        out[name] = json.loads((tmp_path / name / "vqa_val_results.json").read_text())
+    ids = [r["question_id"] for r in out["two"]]
+    assert len(ids) == len(set(ids)) and sorted(ids) == sorted(r["question_id"] for r in out["one"])
+    assert sorted(out["two"], key=lambda r: r["question_id"]) == sorted(
+        out["one"], key=lambda r: r["question_id"]
+    )
