@@ -25,9 +25,7 @@ needs_cpu_kernel = pytest.mark.skipif(
 
 
 def _needs_inductor():
-    from vlm_mamba.training.callbacks import cpp_compiler_missing
-
-    reason = cpp_compiler_missing()
+    reason = K.cxx_unavailable_reason()
     return pytest.mark.skipif(reason is not None, reason=f"inductor cannot build CPU kernels: {reason}")
 
 
@@ -158,7 +156,7 @@ def test_compile_callback_uses_the_compiled_forward_only_to_train(monkeypatch):
 
     monkeypatch.setattr(C.torch, "compile", fake_compile)
     monkeypatch.setattr(C, "_smoke_test_compile", lambda: None)
-    monkeypatch.setattr(C, "cpp_compiler_missing", lambda: None)
+    monkeypatch.setattr(C, "cxx_unavailable_reason", lambda: None)
     module = _tiny_module()
     C.CompileModel(modules=["vision", "language"], dynamic=["language"]).setup(_FakeTrainer(), module, "fit")
     assert calls == [("compile", "VisionMamba", False), ("compile", "LanguageMamba", True)]
@@ -212,10 +210,10 @@ def test_compile_callback_trains_as_eager_and_evaluates_eager():
 
 
 def test_compile_callback_switches_off_without_a_cpp_compiler(monkeypatch, caplog):
-    from vlm_mamba.training.callbacks import CompileModel, cpp_compiler_missing
+    from vlm_mamba.training.callbacks import CompileModel
 
     monkeypatch.setenv("CXX", "/nonexistent/c++")
-    assert "is not an executable" in cpp_compiler_missing()
+    assert "is not an executable" in K.cxx_unavailable_reason()
     module = _tiny_module()
     forward = module.model.language.forward
     cb = CompileModel()

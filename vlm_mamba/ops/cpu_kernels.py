@@ -50,6 +50,17 @@ def _compiler() -> str | None:
     return next((c for c in ("cc", "gcc", "clang") if shutil.which(c)), None)
 
 
+def cxx_unavailable_reason() -> str | None:
+    """None when a C++ compiler (what torch.compile's inductor builds CPU kernels with) is on the
+    PATH, else a sentence saying why not (``$CXX`` wins, as for inductor)."""
+    cxx = os.environ.get("CXX", "").strip()
+    if cxx:
+        return None if shutil.which(cxx) else f"$CXX={cxx!r} is not an executable on the PATH"
+    if any(shutil.which(c) for c in ("g++", "clang++", "c++")):
+        return None
+    return "no C++ compiler (g++, clang++ or c++) on the PATH"
+
+
 def _cpu_signature() -> str:
     """What -march=native depends on: the CPU model and flags (Linux), else the platform string."""
     try:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import random
-import shutil
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -20,6 +19,8 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.callbacks import RichProgressBar
+
+from ..ops.cpu_kernels import cxx_unavailable_reason
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +32,8 @@ def silence_known_noise() -> None:
       on every ``training_step`` output (a FutureWarning about Lightning's code, fixed upstream).
     - Lightning's "Tip: ... litlogger" advert, and its note that our ``RichModelSummary`` callback
       replaces its default summary (the config chose it).
+    - torch's "No CUDA runtime is found, using CUDA_HOME=..." when inductor first looks for a
+      toolchain on a CPU-only machine (it builds CPU kernels; CUDA is not wanted).
 
     The ``IterableDataset`` ``__len__`` warning is filtered next to its cause, in
     ``vlm_mamba.data.datamodules``.
@@ -38,13 +41,16 @@ def silence_known_noise() -> None:
     warnings.filterwarnings(
         "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
     )
-    rank_zero = logging.getLogger("lightning.pytorch.utilities.rank_zero")
-    if not any(isinstance(f, _DropMessages) for f in rank_zero.filters):
-        rank_zero.addFilter(
-            _DropMessages(
-                ("💡 Tip: For seamless cloud logging", "Trainer already configured with model summary")
-            )
-        )
+    for name, prefixes in (
+        (
+            "lightning.pytorch.utilities.rank_zero",
+            ("💡 Tip: For seamless cloud logging", "Trainer already configured with model summary"),
+        ),
+        ("torch.utils.cpp_extension", ("No CUDA runtime is found",)),
+    ):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(prefixes))
 
 
 class _DropMessages(logging.Filter):
@@ -228,18 +234,6 @@ class StepProgressBar(RichProgressBar):
         return items
 
 
-def cpp_compiler_missing() -> str | None:
-    """None when a C++ compiler for inductor's CPU kernels is on the PATH, else why not ($CXX wins)."""
-    import os
-
-    cxx = os.environ.get("CXX", "").strip()
-    if cxx:
-        return None if shutil.which(cxx) else f"$CXX={cxx!r} is not an executable on the PATH"
-    if any(shutil.which(c) for c in ("g++", "clang++", "c++")):
-        return None
-    return "no C++ compiler (g++, clang++ or c++) on the PATH"
-
-
 @torch.compiler.disable
 def _smoke_test_compile() -> str | None:
     """Compile one tiny function with inductor: None if that works, else the error in one line."""
@@ -290,7 +284,7 @@ class CompileModel(L.Callback):
             return
         model = pl_module.model
         if pl_module.device.type == "cpu":
-            self.off_reason = cpp_compiler_missing()
+            self.off_reason = cxx_unavailable_reason()
         if self.off_reason is None:
             t0 = time.perf_counter()
             self.off_reason = _smoke_test_compile()
