@@ -62,9 +62,9 @@ def vqa_baseline(train_annotations: dict, test_annotations: dict) -> list[dict]:
 def toolchain_notes() -> list[str]:
     """One line per missing piece that makes training slower (empty when nothing is missing). Building
     the compiled CPU scan here (under a second, cached) also takes it out of the training time."""
-    from .ops import cpu_unavailable_reason
+    from .training.callbacks import scan_unavailable_reason
 
-    reason = cpu_unavailable_reason()
+    reason = scan_unavailable_reason()
     if reason is None:
         return []
     return [
@@ -79,7 +79,7 @@ def machine() -> dict[str, Any]:
 
     import torch
 
-    from .ops import cpu_unavailable_reason
+    from .training.callbacks import scan_unavailable_reason
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -95,7 +95,7 @@ def machine() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "scan_kernel": "compiled C (cpu)" if cpu_unavailable_reason() is None else "PyTorch (torch)",
+        "scan_kernel": "compiled C (cpu)" if scan_unavailable_reason() is None else "PyTorch (torch)",
     }
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import RichProgressBar
 
+from ..ops import cpu_unavailable_reason
 from ..ops.cpu_kernels import cxx_unavailable_reason
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,12 @@ def silence_known_noise() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) for f in logger.filters):
             logger.addFilter(_DropMessages(prefixes))
+
+
+def scan_unavailable_reason() -> str | None:
+    """None when the compiled CPU scan builds and loads, else why not (``make demo``'s first lines;
+    the demo reaches ``ops`` through training, as the layering says)."""
+    return cpu_unavailable_reason()
 
 
 class _DropMessages(logging.Filter):
@@ -192,7 +199,8 @@ class StepProgressBar(RichProgressBar):
     Lightning's bar counts the batches of each epoch, and a streamed epoch is only a resume unit
     here, so a 4000-step demo showed ``Epoch 6/-2 ... 250/625``. Without ``max_steps`` (an
     epoch-based run) this is Lightning's bar. ``refresh_rate`` is redraws per second (Rich's
-    refresh thread; Lightning's default of 100 a second costs a 2-core machine ~1% of its time).
+    refresh thread; Lightning's default is 100 a second, far more than anyone reads, on a
+    thread that competes with training for the cores).
     """
 
     def __init__(self, refresh_rate: int = 4, **kwargs: Any) -> None:
@@ -232,6 +240,12 @@ class StepProgressBar(RichProgressBar):
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)  # the logger's version folder, not a metric
         return items
+
+
+def step_progress_bar(enabled: bool = True, refresh_rate: int = 4, **kwargs: Any) -> L.Callback:
+    """A :class:`StepProgressBar`, or a callback that does nothing when the trainer runs without a
+    progress bar (``trainer.enable_progress_bar=false``: Lightning refuses a bar callback then)."""
+    return StepProgressBar(refresh_rate=refresh_rate, **kwargs) if enabled else L.Callback()
 
 
 @torch.compiler.disable
