@@ -1825,6 +1825,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="what gets torch.compile (default on CUDA: peer llama; none on CPU)")  # fmt: skip
     ap.add_argument("--ssm", nargs="+", choices=["mamba1", "mamba2"], help="lm_vs_stock families")
     ap.add_argument("--repeat", type=int)
+    ap.add_argument(
+        "--decode-batches", type=int, nargs="+", help="decode section: batch sizes (default: the plan's)"
+    )
+    ap.add_argument("--decode-contexts", type=int, nargs="+", help="decode section: prompt lengths")
     ap.add_argument("--warmup", type=int)
     ap.add_argument("--git-info", help="JSON with the commit measured (written before a GPU call)")
     ap.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/bench_gpu_<device>.json)")
@@ -1913,6 +1917,10 @@ def main(argv: list[str] | None = None) -> int:
         plan.ssms = args.ssm
     if args.repeat:
         plan.repeat = args.repeat
+    if args.decode_batches:
+        plan.decode_batches = args.decode_batches
+    if args.decode_contexts:
+        plan.decode_contexts = args.decode_contexts
     if args.warmup is not None:
         plan.warmup = args.warmup
     suite = Suite(args, plan, device)

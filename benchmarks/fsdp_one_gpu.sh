@@ -53,7 +53,7 @@ $PY data/generate_shapes.py --build $DATA --num-train 512 --num-val 40 --num-tes
 
 STEPS=${STEPS:-60}
 read -r -a TRAINER_ARGS <<<"${TRAINER:-trainer=fsdp}"
-COMMON=(model=demo "${TRAINER_ARGS[@]}" trainer.devices=1 paths.data_dir=$DATA data=shapes_caption
+COMMON=(model=demo "${TRAINER_ARGS[@]}" trainer.devices=1 paths.data_dir=$DATA data=shapes_vqa
   data.batch_size=32 data.eval_batch_size=16 data.num_workers=2 module.warmup_steps=5
   module.total_steps=$STEPS module.val_generation.max_new_tokens=8 trainer.limit_val_batches=2
   trainer.val_check_interval=20 trainer.num_sanity_val_steps=1 trainer.log_every_n_steps=1
@@ -86,7 +86,7 @@ timeout 60 $PY evaluate.py ckpt_path="$CKPT" task=vqav2 split=test data_dir=$DAT
 echo "rc=$?" >>"$OUT/evaluate.log"
 log "export/evaluate done"
 
-$PY - "$VLM_MAMBA_LOGS/train" /tmp/fsdp_export "$OUT/summary.json" <<'EOF' 2>&1 | tee "$OUT/summary.txt"
+$PY - "$VLM_MAMBA_LOGS/train" /tmp/fsdp_export "$OUT/summary.json" "$STEP" <<'EOF' 2>&1 | tee "$OUT/summary.txt"
 import csv, json, sys
 from pathlib import Path
 import torch
@@ -100,10 +100,13 @@ def losses(run):
                 d[int(row["step"])] = float(row["train/loss"])
     return d
 
-full, part = losses(runs / "full"), losses(runs / "part")  # part: the resumed run's rows (the killed run's were not flushed)
+resumed_from = int(sys.argv[4]) if sys.argv[4].isdigit() else -1
+full, part = losses(runs / "full"), losses(runs / "part")
+part = {s: v for s, v in part.items() if s >= resumed_from}  # the steps the resumed run made
 common = sorted(set(full) & set(part))
 diff = max((abs(full[s] - part[s]) for s in common), default=None)
-summary = {"full_steps": len(full), "part_steps": len(part), "max_abs_loss_diff": diff,
+summary = {"resumed_from_step": resumed_from, "full_steps": len(full), "resumed_steps": len(part),
+           "compared_steps": len(common), "max_abs_loss_diff": diff,
            "exact": diff == 0.0, "losses_full": [full[s] for s in sorted(full)],
            "losses_resumed": [part[s] for s in sorted(part)]}
 try:

@@ -47,9 +47,15 @@ class Block(nn.Module):
     def add_norm(self, hidden: Tensor, residual: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """residual <- hidden + residual (hidden alone when None); returns (norm(residual), residual)."""
         if isinstance(self.norm, RMSNorm):
-            return ops.add_rms_norm(
+            normed, residual = ops.add_rms_norm(
                 hidden, residual, self.norm.weight, self.norm.eps, self.residual_in_fp32, kernel=self.kernel
             )
+            w = self.norm.weight.dtype
+            if normed.dtype != w and not torch.is_autocast_enabled(normed.device.type):
+                # the kernel writes in hidden's dtype: an fp32 residual stream (``forward``'s input after
+                # the first block) into bf16 weights must reach the mixer in the weights' dtype
+                normed = normed.to(w)
+            return normed, residual
         res = hidden if residual is None else residual + hidden
         return self.norm(res.to(self.norm.weight.dtype)), self._residual(res)
 
@@ -90,14 +96,28 @@ class Block(nn.Module):
             return residual + y, new_state
         return residual + out
 
-    def step_(self, x: Tensor, state: MixerState, A: Tensor | None = None) -> Tensor:
-        """One token, ``state`` updated in place (``mixer.step_``): x (b,d) -> y (b,d)."""
-        return self._residual(x) + self.mixer.step_(self.norm(x.to(self.norm.weight.dtype)), state, A)
+    def step_carry_(
+        self, hidden: Tensor, residual: Tensor | None, state: MixerState, A: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """One token in :meth:`forward_carry`'s form, ``state`` updated in place (``mixer.step_``):
+        (hidden (b,d), residual) -> (mixer output, hidden + residual). The add that closes the previous
+        block and this block's norm are one kernel, as in mamba_ssm's ``Block.step``."""
+        normed, residual = self.add_norm(hidden, residual)
+        return self.mixer.step_(normed, state, A), residual
+
+    def step_carry(
+        self, hidden: Tensor, residual: Tensor | None, state: MixerState, mask: Tensor | None = None
+    ) -> tuple[Tensor, Tensor, MixerState]:
+        """The functional twin of :meth:`step_carry_`: -> (mixer output, residual, new MixerState);
+        rows with ``mask`` (b,) False keep their state."""
+        normed, residual = self.add_norm(hidden, residual)
+        y, new_state = self.mixer.step(normed, state, mask=mask)
+        return y, residual, new_state
 
     def step(self, x: Tensor, state: MixerState, mask: Tensor | None = None) -> tuple[Tensor, MixerState]:
-        """One token: x (b,d) -> (y (b,d), new MixerState)."""
-        y, new_state = self.mixer.step(self.norm(x.to(self.norm.weight.dtype)), state, mask=mask)
-        return self._residual(x) + y, new_state
+        """One token in :meth:`forward`'s form: x (b,d) -> (x + mixer(norm(x)), new MixerState)."""
+        y, residual, new_state = self.step_carry(x, None, state, mask=mask)
+        return residual + y, new_state
 
     def allocate_state(self, batch: int, dtype: torch.dtype | None = None, device=None) -> MixerState:
         return self.mixer.allocate_state(batch, dtype=dtype, device=device)

@@ -107,6 +107,13 @@ class LanguageMamba(nn.Module):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         return self.embedding(input_ids) if input_ids is not None else inputs_embeds
 
+    def _final_norm(self, hidden: Tensor, residual: Tensor | None) -> Tensor:
+        """norm_f(hidden + residual): the last block's add and the final norm in one kernel."""
+        return ops.add_rms_norm(
+            hidden, residual, self.norm_f.weight, self.norm_f.eps, self.config.residual_in_fp32,
+            prenorm=False, kernel=self.kernel,
+        )  # fmt: skip
+
     def _logits(self, h: Tensor) -> Tensor:
         logits = self.lm_head(h)  # (..., Vp)
         V = self.config.vocab_size
@@ -168,10 +175,7 @@ class LanguageMamba(nn.Module):
                 )
             else:
                 hidden, residual = layer.forward_carry(hidden, residual, state=st)
-        h = ops.add_rms_norm(
-            hidden, residual, self.norm_f.weight, self.norm_f.eps, self.config.residual_in_fp32,
-            prenorm=False, kernel=self.kernel,
-        )  # (b,l,d)  # fmt: skip
+        h = self._final_norm(hidden, residual)  # (b,l,d)
         if inverse is not None:
             h = ops.gather_time(h, inverse)  # back to the input's positions
         out = self._logits(h) if logits == "all" else self._logits(h[:, -1:]) if logits == "last" else None
@@ -206,10 +210,10 @@ class LanguageMamba(nn.Module):
         """One token per row with the decoding cache's state updated in place: input_ids (b,) ->
         logits (b,V). ``cache`` is a ``vlm_mamba.models.decoding.DecodeCache`` (its buffers and the
         layers' A, computed once); the graph-captured decoder replays exactly this."""
-        x = self.embedding(input_ids)  # (b,d)
+        hidden, residual = self.embedding(input_ids), None  # (b,d)
         for layer, st, A in zip(self.layers, cache.state, cache.A):
-            x = layer.step_(x, st, A)
-        return self._logits(self.norm_f(x.to(self.norm_f.weight.dtype)))
+            hidden, residual = layer.step_carry_(hidden, residual, st, A)
+        return self._logits(self._final_norm(hidden, residual))
 
     def step(
         self,
@@ -225,12 +229,12 @@ class LanguageMamba(nn.Module):
         """
         if state is None:
             raise ValueError("step needs a state: allocate_inference_cache(batch) or a prefill's state")
-        x = self._inputs(input_ids, inputs_embeds)  # (b,d)
+        hidden, residual = self._inputs(input_ids, inputs_embeds), None  # (b,d)
         new_states = []
         for layer, st in zip(self.layers, state):
-            x, s = layer.step(x, st, mask=mask)
+            hidden, residual, s = layer.step_carry(hidden, residual, st, mask=mask)
             new_states.append(s)
-        h = self.norm_f(x.to(self.norm_f.weight.dtype))
+        h = self._final_norm(hidden, residual)
         return LMOutput(self._logits(h), InferenceState(new_states), h)
 
     # ------------------------------------------------------------------------------- checkpoints

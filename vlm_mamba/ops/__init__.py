@@ -182,8 +182,15 @@ def selective_scan(
     Args: u, delta, z (b,e,l); A (e,n); B, C (b,n,l) or (b,g,n,l); D, delta_bias (e,);
     initial_state (b,e,n). Returns y (b,e,l) in u's dtype and, with ``return_last_state``, (y, h_l)
     with h_l (b,e,n) fp32.
+
+    mamba_ssm's ``selective_scan_fn`` returns the last state without a gradient (its backward drops
+    that output's gradient), so a call that returns the last state while autograd is recording
+    (training through a returned state, e.g. over segments) runs the PyTorch scan instead: correct
+    gradients for every output, at the PyTorch path's (b,e,l,n) memory. Forward-only and stateless
+    training calls keep the kernel.
     """
-    fn = _impl("selective_scan", kernel, u)
+    cuda_ok = not (return_last_state and _needs_grad(u, delta, A, B, C, D, z, delta_bias, initial_state))
+    fn = _impl("selective_scan", kernel, u, cuda_ok=cuda_ok)
     return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state)
 
 
