@@ -30,12 +30,19 @@ def rows(data: dict, **kw) -> list[dict]:
     return [r for r in data["records"] if ok(r) and all(r.get(k) == v for k, v in kw.items())]
 
 
+def commit_of(data: dict, r: dict) -> str:
+    """The commit a record measured: its run's (a merged file keeps one environment per run)."""
+    envs = data.get("environments") or [data["environment"]]
+    e = envs[r.get("run", 0)] if r.get("run", 0) < len(envs) else data["environment"]
+    return ((e.get("git") or {}).get("commit") or "?")[:7]
+
+
 def subtitle(data: dict) -> str:
     e = data["environment"]
-    git = (e.get("git") or {}).get("commit") or "?"
+    commits = sorted({commit_of(data, r) for r in data["records"]})
     return (
         f"{e['device_name']}, torch {e['torch']}, mamba_ssm {e['mamba_ssm']}, "
-        f"causal_conv1d {e['causal_conv1d']}, commit {git[:8]}"
+        f"causal_conv1d {e['causal_conv1d']}, commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}"
     )
 
 
@@ -132,24 +139,30 @@ def plot_decode(data: dict, out: Path) -> Path | None:
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9.5, 3.4))
     batches = sorted({r["batch"] for r in recs})
     styles = ["o-", "s--", "^:", "d-."]
+    # a line joins records of one commit only (a merged file can hold our decoder before and after a
+    # change); when ours spans several commits, its labels name them and older ones are drawn faint
+    ours_commits = sorted({commit_of(data, r) for r in recs if r["model"] == "ours"})
+    newest = {c: i for i, c in enumerate(sorted(ours_commits, key=lambda c: max(
+        r.get("run", 0) for r in recs if r["model"] == "ours" and commit_of(data, r) == c)))}  # fmt: skip
+
+    def draw(ax, rs, x, y, style, who, label):
+        for i, c in enumerate(sorted({commit_of(data, r) for r in rs})):
+            part = sorted((r for r in rs if commit_of(data, r) == c), key=lambda r: r[x])
+            faint = who == "ours" and len(ours_commits) > 1 and newest[c] < len(ours_commits) - 1
+            tag = f" @{c}" if who == "ours" and len(ours_commits) > 1 else ""
+            ax.plot([r[x] for r in part], [r[y] for r in part], style, color=COLORS[who],
+                    alpha=0.35 if faint else 1.0, label=label + tag if tag or i == 0 else None)  # fmt: skip
+
     for who in ("ours", "stock", "llama"):
         for bi, b in enumerate(batches[:: max(1, len(batches) // 2)] if len(batches) > 2 else batches):
-            rs = sorted(
-                (r for r in recs if r["model"] == who and r["batch"] == b and r["ssm"] in ("mamba1", "-")),
-                key=lambda r: r["context"],
-            )
+            rs = [r for r in recs if r["model"] == who and r["batch"] == b and r["ssm"] in ("mamba1", "-")]
             if rs:
-                a1.plot([r["context"] for r in rs], [r["itl_ms"] for r in rs], styles[bi % 4], color=COLORS[who],
-                        label=f"{who} b={b}")  # fmt: skip
+                draw(a1, rs, "context", "itl_ms", styles[bi % 4], who, f"{who} b={b}")
         ctx = sorted({r["context"] for r in recs})
         for ci, c in enumerate(ctx[:2]):
-            rs = sorted(
-                (r for r in recs if r["model"] == who and r["context"] == c and r["ssm"] in ("mamba1", "-")),
-                key=lambda r: r["batch"],
-            )
+            rs = [r for r in recs if r["model"] == who and r["context"] == c and r["ssm"] in ("mamba1", "-")]
             if rs:
-                a2.plot([r["batch"] for r in rs], [r["decode_tokens_per_s"] for r in rs], styles[ci], color=COLORS[who],
-                        label=f"{who} ctx={c}")  # fmt: skip
+                draw(a2, rs, "batch", "decode_tokens_per_s", styles[ci], who, f"{who} ctx={c}")
     a1.set_xscale("log", base=2)
     a1.set_yscale("log")
     a1.set_xlabel("context (prompt tokens)")
