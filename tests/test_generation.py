@@ -150,6 +150,72 @@ def test_wide_beam_search_equals_exhaustive_search():
         assert tuple(out[row].tolist()) == best
 
 
+@pytest.mark.parametrize("num_beams", [1, 2, 4])
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0, 2.0])
+@pytest.mark.parametrize("eos", [None, 1])
+def test_vectorised_beam_search_equals_the_loop(num_beams, length_penalty, eos):
+    """The device-side beam search returns exactly the per-row loop's sequences, on random Markov
+    chains where EOS is likely (rows finish at different steps, several hypotheses per step, rows
+    that never finish), whatever sync_every is."""
+    from tests._beam_reference import beam_search_loop
+    from vlm_mamba.generation import _beam_search
+
+    for seed in range(6):
+        g = torch.Generator().manual_seed(seed)
+        V, b = 6, 5
+        T = torch.randn(V, V, V, generator=g) * 2.5
+        if eos is not None:
+            T[..., eos] += 1.5  # EOS common, not certain
+        first = torch.randn(b, V, generator=g) * 2
+
+        def step(tok, st, T=T):
+            return T[st.last, tok], _MarkovState(tok)
+
+        for sync_every, n in ((1, 7), (3, 7), (8, 5)):
+            cfg = GenerationConfig(max_new_tokens=n, num_beams=num_beams, eos_token_id=eos, pad_token_id=0,
+                                   length_penalty=length_penalty, sync_every=sync_every)  # fmt: skip
+            start = _MarkovState(torch.zeros(b, dtype=torch.long))
+            ref = beam_search_loop(step, start, first, cfg)
+            out = _beam_search(step, start, first, cfg)
+            assert out.shape == ref.shape, (seed, sync_every, out.shape, ref.shape)
+            assert torch.equal(out, ref), (seed, sync_every, out, ref)
+
+
+def test_beam_search_reads_the_host_only_at_the_exit_test(monkeypatch):
+    """No per-step .tolist()/.item(): over 12 steps with sync_every=4 the loop converts device
+    values to Python 3 times (the exit test) plus once for the result's length."""
+    from vlm_mamba.generation import _beam_search
+
+    calls = {"bool": 0, "int": 0, "tolist": 0, "item": 0}
+    real_bool, real_int = torch.Tensor.__bool__, torch.Tensor.__int__
+    real_tolist, real_item = torch.Tensor.tolist, torch.Tensor.item
+
+    def counting(name, fn):
+        def wrapper(self, *a, **kw):
+            calls[name] += 1
+            return fn(self, *a, **kw)
+
+        return wrapper
+
+    g = torch.Generator().manual_seed(0)
+    T = torch.randn(5, 5, 5, generator=g)
+    first = torch.randn(3, 5, generator=g)
+
+    def step(tok, st):
+        return T[st.last, tok], _MarkovState(tok)
+
+    cfg = GenerationConfig(max_new_tokens=12, num_beams=3, eos_token_id=None, sync_every=4)
+    monkeypatch.setattr(torch.Tensor, "__bool__", counting("bool", real_bool))
+    monkeypatch.setattr(torch.Tensor, "__int__", counting("int", real_int))
+    monkeypatch.setattr(torch.Tensor, "tolist", counting("tolist", real_tolist))
+    monkeypatch.setattr(torch.Tensor, "item", counting("item", real_item))
+    out = _beam_search(step, _MarkovState(torch.zeros(3, dtype=torch.long)), first, cfg)
+    monkeypatch.undo()
+    assert out.shape == (3, 12)
+    assert calls["tolist"] == 0 and calls["item"] == 0
+    assert calls["bool"] == 2 and calls["int"] == 1, calls  # steps 4 and 8 (12 is the last), the length
+
+
 def test_sampling_is_seeded_and_filters():
     model = _model()
     images = torch.randn(2, 3, 32, 32)

@@ -126,62 +126,74 @@ def _beam_search(step_fn: StepFn, state: Any, logits: torch.Tensor, cfg: Generat
 
     Finished hypotheses are ranked by ``sum log p / length ** length_penalty``. With one beam this
     is exactly greedy decoding (the best candidate is always taken; an EOS ends the row).
+
+    Everything stays on the device: per step one top-2k over (b, k*V), the finished hypotheses
+    written into (b, 2k) slots by a scatter, the beams reordered by one gather of the sequences and
+    one of the state (``state.index_select``, in place for a ``DecodeCache``); no per-row Python
+    loop and no host read per step but the "all rows done?" exit test every ``sync_every`` steps.
+    The result equals the reference loop's (``tests/test_generation.py``) for every row.
     """
     b, V = logits.shape
-    k = cfg.num_beams
+    k, n_max = cfg.num_beams, cfg.max_new_tokens
     dev = logits.device
-    eos = cfg.eos_token_id
+    eos, pad, lp = cfg.eos_token_id, cfg.pad_token_id, cfg.length_penalty
+    neg_inf = float("-inf")
     state = state.repeat_interleave(k)  # (b*k, ...)
     logp = logits.float().log_softmax(-1).repeat_interleave(k, dim=0)  # (b*k, V)
     beam_scores = torch.zeros(b, k, device=dev)
-    beam_scores[:, 1:] = float("-inf")  # all beams start equal: keep one so candidates are distinct
-    seqs = torch.empty(b * k, 0, dtype=torch.long, device=dev)
-    hyps: list[list[tuple[float, torch.Tensor]]] = [[] for _ in range(b)]
-    done = [False] * b
-    for step in range(cfg.max_new_tokens):
+    beam_scores[:, 1:] = neg_inf  # all beams start equal: keep one so candidates are distinct
+    seqs = torch.full((b, k, n_max), pad, dtype=torch.long, device=dev)  # live beams, pad after step
+    # finished hypotheses: at most k - 1 before a row is done, plus at most k in the step that ends
+    # it (the EOS of each beam) -> 2k slots, and one more as the write target of non-additions
+    slots = 2 * k
+    hyp_s = torch.full((b, slots + 1), neg_inf, device=dev)
+    hyp_seq = torch.full((b, slots + 1, n_max), pad, dtype=torch.long, device=dev)
+    hyp_len = torch.zeros(b, slots + 1, dtype=torch.long, device=dev)
+    n_hyp = torch.zeros(b, dtype=torch.long, device=dev)
+    done = torch.zeros(b, dtype=torch.bool, device=dev)
+    rank = torch.arange(2 * k, device=dev)
+    rows = torch.arange(b, device=dev)
+    n = 0  # columns of seqs filled
+    for step in range(n_max):
         cand = (beam_scores.view(-1, 1) + logp).view(b, k * V)  # (b, k*V)
-        top_s, top_i = cand.topk(2 * k, dim=1)  # (b, 2k)
+        top_s, top_i = cand.topk(2 * k, dim=1)  # (b, 2k), best first
         top_beam, top_tok = top_i // V, top_i % V
-        next_s = torch.zeros(b, k, device=dev)
-        next_t = torch.full((b, k), cfg.pad_token_id, dtype=torch.long, device=dev)
-        next_b = torch.zeros(b, k, dtype=torch.long, device=dev)
-        top_s_l, top_beam_l, top_tok_l = top_s.tolist(), top_beam.tolist(), top_tok.tolist()
-        for i in range(b):
-            if done[i]:
-                continue
-            n_kept = 0
-            for rank, (s, bi, t) in enumerate(zip(top_s_l[i], top_beam_l[i], top_tok_l[i])):
-                if eos is not None and t == eos:
-                    if rank < k:
-                        seq = torch.cat([seqs[i * k + bi], seqs.new_tensor([eos])])
-                        hyps[i].append((s / (step + 1) ** cfg.length_penalty, seq))
-                    continue
-                next_s[i, n_kept], next_t[i, n_kept], next_b[i, n_kept] = s, t, bi
-                n_kept += 1
-                if n_kept == k:
-                    break
-            if len(hyps[i]) >= k:
-                done[i] = True
-        if all(done):
-            break
-        flat = (torch.arange(b, device=dev)[:, None] * k + next_b).view(-1)  # (b*k,) parent beams
-        seqs = torch.cat([seqs[flat], next_t.view(-1, 1)], dim=1)
+        is_eos = top_tok == eos if eos is not None else torch.zeros_like(top_tok, dtype=torch.bool)
+        # an EOS among the k best candidates of a live row is a finished hypothesis
+        add = is_eos & (rank < k) & ~done[:, None]  # (b, 2k)
+        slot = torch.where(add, n_hyp[:, None] + add.cumsum(1) - 1, slots)  # non-additions -> the spare
+        parent = seqs.gather(1, top_beam[..., None].expand(-1, -1, n_max))  # (b, 2k, n_max)
+        parent[:, :, step] = eos if eos is not None else pad
+        hyp_s.scatter_(1, slot, torch.where(add, top_s / (step + 1) ** lp, neg_inf))
+        hyp_len.scatter_(1, slot, torch.full_like(slot, step + 1))
+        hyp_seq.scatter_(1, slot[..., None].expand(-1, -1, n_max), parent)
+        n_hyp += add.sum(1)
+        # the next beams: the k best candidates that are not EOS (at most k of the 2k are EOS: one per
+        # beam), in rank order; a row done before this step carries zeros and padding
+        keep = ~is_eos
+        keep &= keep.cumsum(1) <= k
+        pos = keep.to(torch.int8).argsort(dim=1, descending=True, stable=True)[:, :k]  # (b, k)
+        was_done = done[:, None]
+        next_s = torch.where(was_done, 0.0, top_s.gather(1, pos))
+        next_t = torch.where(was_done, pad, top_tok.gather(1, pos))
+        next_b = torch.where(was_done, 0, top_beam.gather(1, pos))
+        done = done | (n_hyp >= k)
+        seqs = seqs.gather(1, next_b[..., None].expand(-1, -1, n_max))
+        seqs[:, :, step] = next_t
         beam_scores = next_s
-        if step == cfg.max_new_tokens - 1:
-            break
+        n = step + 1
+        if step == n_max - 1 or ((step + 1) % cfg.sync_every == 0 and bool(done.all())):
+            break  # extra steps after every row is done change no hypothesis
+        flat = (rows[:, None] * k + next_b).view(-1)  # (b*k,) parent beams
         state = state.index_select(flat)
         logits, state = step_fn(next_t.view(-1), state)
         logp = logits.float().log_softmax(-1)
-    for i in range(b):
-        if not done[i]:
-            n = seqs.shape[1]
-            for j in range(k):
-                s = float(beam_scores[i, j])
-                if s > float("-inf"):
-                    hyps[i].append((s / max(n, 1) ** cfg.length_penalty, seqs[i * k + j]))
-    best = [max(h, key=lambda x: x[0])[1] for h in hyps]
-    n = max(len(t) for t in best)
-    out = torch.full((b, n), cfg.pad_token_id, dtype=torch.long, device=dev)
-    for i, t in enumerate(best):
-        out[i, : len(t)] = t
-    return out
+    # rows still live: their beams with a finite score join the hypotheses, in beam order
+    live = ~done[:, None] & (beam_scores > neg_inf)  # (b, k)
+    slot = torch.where(live, n_hyp[:, None] + live.cumsum(1) - 1, slots)
+    hyp_s.scatter_(1, slot, torch.where(live, beam_scores / max(n, 1) ** lp, neg_inf))
+    hyp_len.scatter_(1, slot, torch.full_like(slot, n))
+    hyp_seq.scatter_(1, slot[..., None].expand(-1, -1, n_max), seqs)
+    best = hyp_s[:, :slots].argmax(1)  # the first of equal scores, as the loop's max() takes
+    out = hyp_seq[rows, best]  # (b, n_max), padding after each hypothesis
+    return out[:, : int(hyp_len[rows, best].max())]
