@@ -1223,19 +1223,27 @@ class Suite:
             del state
             for t in P.prefill_vlm_lengths:
                 ids = torch.randint(1, V, (b, t), device=self.device)
-                for who, model in (("peer", peer), ("ours", ours)):
+                for who, model, graphs in (
+                    ("peer", peer, False),
+                    ("ours", ours, False),
+                    ("ours", ours, True),
+                ):
                     rec = {"section": "prefill_vlm", "case": f"b={b} t={t}", "model": who, "batch": b, "length": t,
+                           "variant": "prefill_graph=True (image and prompt prefill as CUDA graphs)" if graphs
+                           else "eager" if who == "ours" else "eager, SDPA",
                            "weights": wdesc if who == "ours" else "bf16 weights", "tokens_per_step": b * (t + cfg.vision.num_patches),
                            "what": "generate(images, prompt, max_new_tokens=1): image encoding, prefill, first token "
                            "(the peer eager, SDPA)"}  # fmt: skip
 
-                    def measure(model=model, who=who, ids=ids, images=images, b=b, t=t):
+                    def measure(model=model, who=who, ids=ids, images=images, b=b, t=t, graphs=graphs):
                         x = images.to(next(model.parameters()).dtype)
 
                         def run():
                             with torch.no_grad(), ctx() if who == "ours" else contextlib.nullcontext():
                                 if who == "ours":
-                                    return model.generate(x, ids, max_new_tokens=1, eos_token_id=None)
+                                    return model.generate(
+                                        x, ids, max_new_tokens=1, eos_token_id=None, prefill_graph=graphs
+                                    )
                                 return model.generate(x, ids, max_new_tokens=1)
 
                         r = self.timed(run, model_bytes(model))
@@ -1325,6 +1333,8 @@ class Suite:
         runs = {
             ("ours", "image_state_cache"): lambda: ours.generate(images, prompts, image_index=index, max_new_tokens=new,
                                                                  eos_token_id=None, use_image_cache=True),
+            ("ours", "image_state_cache_graphs"): lambda: ours.generate(images, prompts, image_index=index,
+                max_new_tokens=new, eos_token_id=None, use_image_cache=True, prefill_graph=True),
             ("ours", "recompute"): lambda: ours.generate(images, prompts, image_index=index, max_new_tokens=new,
                                                          eos_token_id=None, use_image_cache=False),
             ("peer", "recompute"): lambda: peer.generate(images[index].to(next(peer.parameters()).dtype), prompts,
@@ -1732,7 +1742,9 @@ def summarize(records: list[dict]) -> dict:
             )
         if r["section"] == "prefill_vlm" and r["model"] == "ours":
             ref = _get(records, section="prefill_vlm", case=r["case"], model="peer")
-            add("VLM prefill (generate 1 token) vs peer", r["case"], r, ref, "tokens_per_s", "peer")
+            graphed = str(r.get("variant", "")).startswith("prefill_graph")
+            add("VLM prefill (generate 1 token) vs peer" + (", ours with prefill graphs" if graphed else ""),
+                r["case"], r, ref, "tokens_per_s", "peer")  # fmt: skip
     o, p = (
         _get(records, section="decode_vlm", model="vlm_generate"),
         _get(records, section="decode_vlm", model="lm_alone"),
@@ -1746,6 +1758,9 @@ def summarize(records: list[dict]) -> dict:
     add("VQA: image-state cache vs recompute", "ours", c, _get(records, section="vqa", model="ours", variant="recompute"),
         "questions_per_s", "ours recompute")  # fmt: skip
     add("VQA: ours cache vs peer", "peer recomputes", c, _get(records, section="vqa", model="peer"),
+        "questions_per_s", "peer")  # fmt: skip
+    cg = _get(records, section="vqa", model="ours", variant="image_state_cache_graphs")
+    add("VQA: ours cache + prefill graphs vs peer", "peer recomputes", cg, _get(records, section="vqa", model="peer"),
         "questions_per_s", "peer")  # fmt: skip
     lead = [
         {"batch": r["batch"], "context": r["context"], "ours_over_llama_decode_tokens_per_s": x["ratio"]}

@@ -35,6 +35,8 @@ import torch
 from torch import Tensor
 
 from ..layers.state import InferenceState, MixerState
+from .graphs import graph_unavailable_reason, sharded
+from .graphs import uncached_autocast as _uncached_autocast
 
 log = logging.getLogger(__name__)
 
@@ -118,8 +120,7 @@ class GraphedStep:
         dev = cache.state[0].ssm.device
         if dev.type != "cuda":
             raise RuntimeError(f"CUDA graphs need CUDA tensors, the decoding state is on {dev}")
-        if any(type(m).__name__.startswith("FSDP") for m in lm.modules()):
-            # FSDP gathers the weights into new storage for each call: a graph would read stale memory
+        if sharded(lm):  # FSDP gathers the weights into new storage for each call
             raise RuntimeError("the model's parameters are sharded (FSDP)")
         self.tokens = torch.zeros(cache.batch_size, dtype=torch.long, device=dev)
         saved = cache.snapshot()
@@ -138,17 +139,6 @@ class GraphedStep:
         self.tokens.copy_(tokens)
         self.graph.replay()
         return self.logits
-
-
-def _uncached_autocast():
-    """Inside an autocast region, the same autocast without its weight-cast cache: a cached cast
-    made before the capture would not be recorded in the graph, and its memory is freed when the
-    region ends (torch's CUDA graphs notes). The casts then replay with the graph, every token."""
-    import contextlib
-
-    if not torch.is_autocast_enabled("cuda"):
-        return contextlib.nullcontext()
-    return torch.autocast("cuda", dtype=torch.get_autocast_dtype("cuda"), cache_enabled=False)
 
 
 def _root(t: Tensor) -> Tensor:
@@ -211,16 +201,3 @@ def make_step_fn(lm: Any, decoder: str, device: torch.device | str):
 
 
 _LOGGED: set[str] = set()
-
-
-def graph_unavailable_reason(device: torch.device | str) -> str | None:
-    """None when a CUDA graph can be captured for decoding on ``device``, else why not."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        return f"the model is on {device.type!r}, not CUDA"
-    from .. import ops
-
-    reason = ops.cuda_unavailable_reason()
-    if reason is not None:
-        return f"the CUDA kernels are unavailable ({reason})"
-    return None

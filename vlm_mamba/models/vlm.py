@@ -13,9 +13,10 @@ batch equals its rows run one by one.
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import tempfile
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,9 +31,13 @@ from ..generation import GenerationConfig, decode
 from ..layers.bridger import BridgerFFN
 from ..layers.lora import inject_lora, lora_modules, merge_lora, unmerge_lora
 from ..layers.patch_embed import FuyuPatchProjection
+from ..layers.state import InferenceState, MixerState
 from .decoding import make_step_fn
-from .language import LanguageMamba
+from .graphs import graph_cache, graph_unavailable_reason, prompt_bucket, sharded
+from .language import LanguageMamba, LMOutput
 from .vision import VisionMamba
+
+log = logging.getLogger(__name__)
 
 LOSS_REDUCTIONS = ("token", "sample")  # VLMamba.forward(loss_reduction=...)
 
@@ -259,12 +264,21 @@ class VLMamba(nn.Module):
         images: torch.Tensor,
         image_sizes: torch.Tensor | None = None,
         prefix_ids: torch.Tensor | None = None,
+        cuda_graph: bool = False,
     ):
         """The image-state cache: run the language model over each image's tokens (and an
         optional fixed prompt prefix (s,)) once, returning the state (an ``InferenceState`` of n
-        rows) to fork for any number of prompts (VQAv2 asks ~5 questions per image)."""
+        rows) to fork for any number of prompts (VQAv2 asks ~5 questions per image).
+
+        ``cuda_graph``: on CUDA, in encoder mode without ``image_sizes`` or a prefix (fixed shapes),
+        the vision encoder, the bridge and the LM prefill replay as one CUDA graph per image batch
+        shape (``vlm_mamba.models.graphs``); elsewhere it runs op by op, as without it."""
         if self.config.prompt_order != "image_first":
             raise ValueError("the image-state cache needs prompt_order='image_first'")
+        if cuda_graph and self._graphable(images) and image_sizes is None and prefix_ids is None:
+            flat = graph_cache(self).run("prefill_images", self._image_prefill_flat, [images])
+            if flat is not None:
+                return _unflatten_state(flat)
         img, img_mask = self.encode_images(images, image_sizes)
         if prefix_ids is not None:
             pre = self.language.embed(prefix_ids.view(1, -1).expand(img.shape[0], -1))
@@ -276,6 +290,38 @@ class VLMamba(nn.Module):
             inputs_embeds=img, attention_mask=_none_if_all(img_mask), return_state=True, logits="none"
         )
         return out.state
+
+    def _graphable(self, x: torch.Tensor) -> bool:
+        """Whether this call can replay a CUDA graph: CUDA kernels, encoder mode, eval mode, not
+        sharded; otherwise it runs op by op (logged once per reason)."""
+        reason = graph_unavailable_reason(x.device)
+        if reason is None and self.config.vision_mode != "encoder":
+            reason = "fuyu mode (the canvas shapes follow each batch's images)"
+        if reason is None and (self.training or sharded(self)):
+            reason = "the model is training or sharded (FSDP)"
+        if reason is not None and reason not in _GRAPH_LOGGED:
+            _GRAPH_LOGGED.add(reason)
+            log.info("prefill runs without CUDA graphs: %s", reason)
+        return reason is None
+
+    def _image_prefill_flat(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """``prefill_images`` in encoder mode as a function of tensors: the state's tensors, flat."""
+        img, _ = self.encode_images(images)
+        return _flatten_state(self.language(inputs_embeds=img, return_state=True, logits="none").state)
+
+    def _prompt_prefill_flat(
+        self, txt: torch.Tensor, mask: torch.Tensor, *state: torch.Tensor
+    ) -> list[torch.Tensor]:
+        """The prompt prefill from a forked image state as a function of tensors: (last logits (b,V),
+        the new state's tensors flat). Always masked (a graph cannot ask the host whether it must)."""
+        out = self.language(
+            inputs_embeds=txt,
+            attention_mask=mask,
+            state=_unflatten_state(state),
+            return_state=True,
+            logits="last",
+        )
+        return [out.logits[:, -1], *_flatten_state(out.state)]
 
     @torch.no_grad()
     def generate(
@@ -315,15 +361,27 @@ class VLMamba(nn.Module):
         lm = self.language
         if self.config.prompt_order == "image_first" and (use_image_cache or image_state is not None):
             if image_state is None:
-                image_state = self.prefill_images(images, image_sizes)
+                image_state = self.prefill_images(images, image_sizes, cuda_graph=gcfg.prefill_graph)
             state = image_state.index_select(image_index)  # fork: (b, ...)
-            out = lm(
-                inputs_embeds=txt,
-                attention_mask=_none_if_all(pmask),
-                state=state,
-                return_state=True,
-                logits="last",
-            )
+            flat = None
+            if gcfg.prefill_graph and self._graphable(txt):
+                # left-pad the prompts to their bucket: the pads are identity steps, so one graph
+                # serves every prompt length up to the bucket
+                pad = prompt_bucket(s) - s
+                txt_p, mask_p = F.pad(txt, (0, 0, pad, 0)), F.pad(pmask, (pad, 0), value=False)
+                flat = graph_cache(self).run(
+                    "prompt_prefill", self._prompt_prefill_flat, [txt_p, mask_p, *_flatten_state(state)]
+                )
+            if flat is not None:
+                out = LMOutput(flat[0][:, None], _unflatten_state(flat[1:]))
+            else:
+                out = lm(
+                    inputs_embeds=txt,
+                    attention_mask=_none_if_all(pmask),
+                    state=state,
+                    return_state=True,
+                    logits="last",
+                )
         else:
             img, img_mask = self.encode_images(images, image_sizes)
             img, img_mask = img[image_index], img_mask[image_index]  # (b, p, d), (b, p)
@@ -495,6 +553,17 @@ def center_images(images: torch.Tensor, image_sizes: torch.Tensor | None = None)
     real = (rows & cols)[:, None].to(images.dtype)  # (n, 1, H, W)
     mean = (images * real).sum(dim=(2, 3), keepdim=True) / real.sum(dim=(2, 3), keepdim=True).clamp_min(1)
     return (images - mean) * real
+
+
+def _flatten_state(state: InferenceState) -> list[torch.Tensor]:
+    return [t for layer in state for t in (layer.conv, layer.ssm)]
+
+
+def _unflatten_state(flat: Sequence[torch.Tensor]) -> InferenceState:
+    return InferenceState([MixerState(flat[i], flat[i + 1]) for i in range(0, len(flat), 2)])
+
+
+_GRAPH_LOGGED: set[str] = set()
 
 
 def _none_if_all(mask: torch.Tensor) -> torch.Tensor | None:
