@@ -1380,6 +1380,7 @@ class Suite:
             else "fp32",
             "tf32_matmul": torch.backends.cuda.matmul.allow_tf32,
             "compile": sorted(self.compile),
+            "fused_decode_step": bool(getattr(self.args, "fused_step", False)),
             "git": git_info(self.args.git_info),
         }
         if self.cuda:
@@ -1844,6 +1845,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--decode-batches", type=int, nargs="+", help="decode section: batch sizes (default: the plan's)"
     )
     ap.add_argument("--decode-contexts", type=int, nargs="+", help="decode section: prompt lengths")
+    ap.add_argument("--fused-step", action="store_true",
+                    help="Mamba-1 decoding with dt_proj folded into the state update (ops.set_fused_step)")  # fmt: skip
     ap.add_argument("--warmup", type=int)
     ap.add_argument("--git-info", help="JSON with the commit measured (written before a GPU call)")
     ap.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/bench_gpu_<device>.json)")
@@ -1936,6 +1939,10 @@ def main(argv: list[str] | None = None) -> int:
         plan.decode_batches = args.decode_batches
     if args.decode_contexts:
         plan.decode_contexts = args.decode_contexts
+    if args.fused_step:
+        from vlm_mamba import ops
+
+        ops.set_fused_step(True)
     if args.warmup is not None:
         plan.warmup = args.warmup
     suite = Suite(args, plan, device)

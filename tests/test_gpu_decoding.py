@@ -103,3 +103,42 @@ def test_graph_under_autocast_with_fp32_weights_equals_the_eager_step():
     assert torch.equal(out, ref) and torch.equal(again, ref)
     for a, b in zip(logits, ref_logits):
         close(a, b, 1e-2, 2e-2, what="autocast")
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_fused_dtproj_step_in_the_graph_equals_the_unfused_step(batch):
+    """ops.set_fused_step(True): Mamba-1's in-place step computes dt inside the state update
+    (ops.triton_step); in the captured graph, the logits of every step match the unfused functional
+    step to bf16 rounding (the fused dt is accumulated in fp32), and the kernel equals its twin on
+    CUDA per element."""
+    from vlm_mamba import ops
+    from vlm_mamba.ops import triton_step
+
+    lm = _lm("mamba1")
+    ids = torch.randint(3, 1000, (batch, 64), device=DEV)
+    kw = dict(max_new_tokens=12, eos_token_id=None)
+    ref, ref_logits = _decode(lm, ids, "functional", **kw)
+    ops.set_fused_step(True)
+    try:
+        decoding._CACHES.pop(lm, None)  # a fresh capture with the fused step
+        out, logits = _decode(lm, ids, "graph", **kw)
+    finally:
+        ops.set_fused_step(None)
+        decoding._CACHES.pop(lm, None)
+    assert (out == ref).float().mean() >= 0.9
+    for i, (a, b) in enumerate(zip(logits[:4], ref_logits[:4])):
+        close(a, b, 2e-2, 5e-2, what=f"fused step {i}")
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    b, e, n, r = 3, 200, 16, 13
+    rn = lambda *s: torch.randn(*s, generator=g).to(DEV)  # noqa: E731
+    dbc = rn(b, r + 2 * n).bfloat16()
+    xz = rn(b, 2 * e).bfloat16()
+    args = dict(x=rn(b, e).bfloat16(), dt_low=dbc[:, :r], dt_weight=rn(e, r) * 0.3, dt_bias=rn(e) * 0.5,
+                A=-torch.exp(rn(e, n) * 0.5), B=dbc[:, r : r + n], C=dbc[:, r + n :], D=rn(e), z=xz[:, e:])  # fmt: skip
+    s_k, s_r = rn(b, e, n), None
+    s_r = s_k.clone()
+    y = triton_step.selective_state_update_dtproj_(s_k, **args)
+    y_ref = triton_step.selective_state_update_dtproj_ref(s_r, **args)
+    close(y.float(), y_ref.float(), 1e-2, 1e-2, what="fused step kernel y (bf16 out)")
+    close(s_k, s_r, 1e-5, 1e-5, what="fused step kernel state")

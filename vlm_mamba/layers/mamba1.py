@@ -256,10 +256,22 @@ class MambaMixer(nn.Module):
             xi, state.conv, self.conv1d.weight[:, 0], self.conv1d.bias, kernel=self.kernel
         )
         dt, B, C = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        A = self.decode_A() if A is None else A
+        if (
+            ops.fused_step_enabled(xc, self.kernel)
+            and reads_weight_only(self.dt_proj)
+            and not self.d_state & (self.d_state - 1)
+        ):  # dt_proj inside the state update: one launch fewer (ops.triton_step)
+            from vlm_mamba.ops import triton_step
+
+            y = triton_step.selective_state_update_dtproj_(
+                state.ssm, xc, dt, self.dt_proj.weight, self.dt_proj.bias, A, B, C, self.D, z
+            )
+            return self.out_proj(y)
         dt = F.linear(dt, self.dt_proj.weight)  # (b,e), bias added in the update
         y = ops.selective_state_update_(
-            state.ssm, xc, dt, self.decode_A() if A is None else A, B, C, self.D, z=z,
-            dt_bias=self.dt_proj.bias, dt_softplus=True, kernel=self.kernel,
+            state.ssm, xc, dt, A, B, C, self.D, z=z, dt_bias=self.dt_proj.bias, dt_softplus=True,
+            kernel=self.kernel,
         )  # fmt: skip
         return self.out_proj(y)
 

@@ -302,6 +302,29 @@ def causal_conv1d_update_(
     return y
 
 
+FUSED_STEP_ENV = "VLM_MAMBA_FUSED_STEP"
+_fused_step: bool | None = None
+
+
+def set_fused_step(enabled: bool | None) -> None:
+    """Mamba-1's in-place decode step with dt_proj folded into the state update (one Triton kernel,
+    ``vlm_mamba.ops.triton_step``) on CUDA: on, off, or None = the ``VLM_MAMBA_FUSED_STEP``
+    environment variable ("1" = on; off by default). Read when a step runs (and so when a decode
+    graph is captured: set it before the first ``generate``)."""
+    global _fused_step
+    _fused_step = enabled
+
+
+def fused_step_enabled(x: Tensor, kernel: str | None = "auto") -> bool:
+    """Whether the fused Mamba-1 decode step serves ``x``: switched on, CUDA family, triton present."""
+    on = _fused_step if _fused_step is not None else os.environ.get(FUSED_STEP_ENV, "").strip() == "1"
+    if not on or kernel_family(kernel, x.device) != "cuda":
+        return False
+    from vlm_mamba.ops import triton_step
+
+    return triton_step.available()
+
+
 def selective_state_update_(
     state: Tensor,
     x: Tensor,

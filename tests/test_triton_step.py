@@ -1,0 +1,47 @@
+"""The fused Mamba-1 decode step (dt_proj folded into the state update, ops.triton_step) against its
+plain twin and the unfused step, on the CPU through Triton's interpreter (a child process: the
+interpreter is chosen before triton is imported). The kernel inside the captured decode graph on a
+GPU: tests/test_gpu_decoding.py."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+CASES = Path(__file__).with_name("_triton_step_cases.py")
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    r = subprocess.run([sys.executable, str(CASES)], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("gate", [True, False])
+@pytest.mark.parametrize("d", [True, False])
+def test_kernel_equals_the_plain_twin_per_element(results, gate, d):
+    out = results[f"twin gate={gate} D={d}"]
+    assert out["y_err"] <= 2e-6 * max(1.0, out["y_scale"]), out
+    assert out["state_err"] <= 2e-6 * max(1.0, out["state_scale"]), out
+
+
+def test_twin_equals_the_unfused_step(results):
+    out = results["twin_vs_unfused"]
+    assert out["y_err"] <= 1e-5 * max(1.0, out["y_scale"]) and out["state_err"] <= 1e-5, out
+
+
+def test_bf16_activations_fp32_state(results):
+    out = results["bf16"]
+    assert out["dtype"] == "torch.bfloat16"
+    assert out["y_err"] <= 1e-2 * max(1.0, out["y_scale"]) and out["state_err"] <= 1e-5, out
+
+
+def test_a_state_size_that_is_not_a_power_of_two_is_refused(results):
+    assert "power-of-two state size, got d_state=12" in results["n12"]
