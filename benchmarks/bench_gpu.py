@@ -54,6 +54,7 @@ import json
 import math
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -1850,6 +1851,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=int)
     ap.add_argument("--git-info", help="JSON with the commit measured (written before a GPU call)")
     ap.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/bench_gpu_<device>.json)")
+    ap.add_argument("--isolate", action="store_true",
+                    help="each section in its own process (a crash, e.g. a segfault in a compile, loses that "
+                    "section's remaining cases only), the runs merged into --out")  # fmt: skip
     ap.add_argument("--merge", nargs="+", type=Path, metavar="JSON",
                     help="no run: merge the records of these runs (e.g. two GPU calls) into --out, summary recomputed")  # fmt: skip
     return ap.parse_args(argv)
@@ -1908,10 +1912,78 @@ def merge(paths: list[Path], out: Path) -> int:
     return 0
 
 
+def _without(argv: list[str], flags: dict[str, int]) -> list[str]:
+    """argv without the given options (flag -> how many values it takes; -1: until the next option)."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a in flags:
+            n = flags[a]
+            i += 1
+            if n < 0:
+                while i < len(argv) and not argv[i].startswith("--"):
+                    i += 1
+            else:
+                i += n
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
+def isolated(args: argparse.Namespace, argv: list[str]) -> int:
+    """--isolate: one child process per section, each with its share of the time budget (by weight,
+    unused time rolling on, as in one process); a child that dies (a signal, a crash in a compiler)
+    leaves its partial JSON and an error record; the runs merged into --out."""
+    base = _without(argv, {"--isolate": 0, "--sections": -1, "--out": 1, "--time-budget": 1})
+    order = list(dict.fromkeys(args.sections))
+    out = args.out or RESULTS / "bench_gpu_isolated.json"
+    parts_dir = out.parent / f".{out.stem}_parts"
+    parts_dir.mkdir(parents=True, exist_ok=True)
+    t0, parts, crashed = time.perf_counter(), [], []
+    for i, section in enumerate(order):
+        cmd = [sys.executable, str(Path(__file__).resolve()), *base, "--sections", section]
+        if args.time_budget:
+            left = args.time_budget - (time.perf_counter() - t0)
+            share = max(left, 0.0) * SECTION_WEIGHT[section] / sum(SECTION_WEIGHT[x] for x in order[i:])
+            if share < 5:
+                crashed.append({"section": section, "case": "setup", "model": "-",
+                                "skipped": f"time budget: {share:.0f} s left for this section"})  # fmt: skip
+                continue
+            cmd += ["--time-budget", f"{share:.0f}"]
+        part = parts_dir / f"{section}.json"
+        cmd += ["--out", str(part)]
+        print(f"== {section} in its own process: {' '.join(cmd[1:])}", flush=True)
+        rc = subprocess.run(cmd, env={**os.environ, "OUT": ""}).returncode
+        if part.exists():
+            parts.append(part)
+        if rc < 0 or (rc != 0 and not part.exists()):
+            what = f"signal {-rc}" if rc < 0 else f"exit status {rc}"
+            crashed.append({"section": section, "case": "process", "model": "-",
+                            "error": f"the section's process ended with {what}; its records up to then are kept"})  # fmt: skip
+    if not parts:
+        print("no section wrote a result", file=sys.stderr)
+        return 1
+    merge(parts, out)
+    result = json.loads(out.read_text())
+    result["records"] += crashed
+    result["summary"] = summarize(result["records"])
+    result["isolated"] = {"sections": order, "wall_s": time.perf_counter() - t0}
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=1, default=str) + "\n")
+    tmp.replace(out)
+    if os.environ.get("OUT"):
+        shutil.copy(out, Path(os.environ["OUT"]) / out.name)  # only $OUT comes back from a GPU machine
+    return 1 if crashed and any("error" in c for c in crashed) else 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    raw = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.merge:
         return merge(args.merge, args.out or RESULTS / "bench_gpu_merged.json")
+    if args.isolate and len(set(args.sections)) > 1:
+        return isolated(args, raw)
     dev = (
         args.device
         if args.device != "auto"
