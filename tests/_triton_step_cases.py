@@ -68,6 +68,25 @@ out["bf16"] = {
     "state_err": err(s_k, s_r)[0],
 }
 
+# add + RMSNorm + in_proj: with and without a residual, fp32 and bf16 activations, d not a power of 2
+for res in (True, False):
+    for dtype in (torch.float32, torch.bfloat16):
+        g = torch.Generator().manual_seed(3)
+        b, d, o = 3, 200, 130
+        h = torch.randn(b, d, generator=g).to(dtype)
+        r = torch.randn(b, d, generator=g) if res else None
+        nw = torch.rand(d, generator=g) + 0.5
+        w = (torch.randn(o, d, generator=g) * 0.1).to(dtype)
+        y, ro = T.add_rms_norm_linear(h, r, nw, 1e-5, w)
+        yr, ror = T.add_rms_norm_linear_ref(h, r, nw, 1e-5, w)
+        # the unfused path: ops.add_rms_norm's twin, then the matmul
+        normed, res_u = ops.add_rms_norm(h, r, nw.to(dtype), 1e-5, True, kernel="torch")
+        yu = F.linear(normed, w)
+        out[f"norm_linear res={res} {dtype}"] = {
+            "y_err": err(y, yr)[0], "y_scale": err(y, yr)[1], "res_err": err(ro, ror)[0],
+            "unfused_err": err(yr, yu)[0], "res_unfused_err": err(ror, res_u)[0], "dtype": str(y.dtype),
+        }  # fmt: skip
+
 try:
     T.selective_state_update_dtproj_(**case(n=12))
     out["n12"] = "no error"

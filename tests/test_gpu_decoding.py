@@ -107,10 +107,10 @@ def test_graph_under_autocast_with_fp32_weights_equals_the_eager_step():
 
 @pytest.mark.parametrize("batch", [1, 4])
 def test_fused_dtproj_step_in_the_graph_equals_the_unfused_step(batch):
-    """ops.set_fused_step(True): Mamba-1's in-place step computes dt inside the state update
-    (ops.triton_step); in the captured graph, the logits of every step match the unfused functional
-    step to bf16 rounding (the fused dt is accumulated in fp32), and the kernel equals its twin on
-    CUDA per element."""
+    """ops.set_fused_step(True): Mamba-1's in-place step computes dt inside the state update and
+    folds the block's add + norm into in_proj (ops.triton_step); in the captured graph, the logits
+    of every step match the unfused functional step to bf16 rounding (the fused dt is accumulated in
+    fp32), and both kernels equal their twins on CUDA per element."""
     from vlm_mamba import ops
     from vlm_mamba.ops import triton_step
 
@@ -142,3 +142,11 @@ def test_fused_dtproj_step_in_the_graph_equals_the_unfused_step(batch):
     y_ref = triton_step.selective_state_update_dtproj_ref(s_r, **args)
     close(y.float(), y_ref.float(), 1e-2, 1e-2, what="fused step kernel y (bf16 out)")
     close(s_k, s_r, 1e-5, 1e-5, what="fused step kernel state")
+
+    h = rn(b, 300).bfloat16()
+    res = rn(b, 300)
+    nw, w = rn(300).abs() + 0.5, (rn(130, 300) * 0.1).bfloat16()
+    y, ro = triton_step.add_rms_norm_linear(h, res, nw, 1e-5, w)
+    y_ref, ro_ref = triton_step.add_rms_norm_linear_ref(h, res, nw, 1e-5, w)
+    close(y.float(), y_ref.float(), 2e-2, 2e-2, what="add + norm + in_proj kernel (bf16 out)")
+    assert torch.equal(ro, ro_ref)

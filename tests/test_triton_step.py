@@ -45,3 +45,16 @@ def test_bf16_activations_fp32_state(results):
 
 def test_a_state_size_that_is_not_a_power_of_two_is_refused(results):
     assert "power-of-two state size, got d_state=12" in results["n12"]
+
+
+@pytest.mark.parametrize("res", [True, False])
+@pytest.mark.parametrize("dtype", ["torch.float32", "torch.bfloat16"])
+def test_add_norm_linear_equals_its_twin_and_the_unfused_ops(results, res, dtype):
+    out = results[f"norm_linear res={res} {dtype}"]
+    assert out["dtype"] == dtype
+    fp32 = dtype == "torch.float32"
+    assert out["y_err"] <= (2e-5 if fp32 else 2e-2) * max(1.0, out["y_scale"]), (
+        out
+    )  # bf16: one rounding apart
+    assert out["res_err"] <= 1e-6 and out["res_unfused_err"] <= 1e-6, out
+    assert out["unfused_err"] <= (2e-5 if fp32 else 2e-2) * max(1.0, out["y_scale"]), out

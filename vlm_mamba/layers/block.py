@@ -101,9 +101,21 @@ class Block(nn.Module):
     ) -> tuple[Tensor, Tensor]:
         """One token in :meth:`forward_carry`'s form, ``state`` updated in place (``mixer.step_``):
         (hidden (b,d), residual) -> (mixer output, hidden + residual). The add that closes the previous
-        block and this block's norm are one kernel, as in mamba_ssm's ``Block.step``."""
+        block and this block's norm are one kernel, as in mamba_ssm's ``Block.step``. With the fused
+        decode step on (``ops.set_fused_step``) and a mixer that allows it, the add, the norm and the
+        mixer's in_proj are one kernel (``ops.triton_step.add_rms_norm_linear``)."""
+        m = self.mixer
+        if isinstance(self.norm, RMSNorm) and hasattr(m, "step_xz_") and m.fused_in_proj_ok(hidden):
+            from vlm_mamba.ops import triton_step
+
+            w = m.in_proj.weight
+            out_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else w.dtype
+            xz, residual = triton_step.add_rms_norm_linear(
+                hidden, residual, self.norm.weight, self.norm.eps, w, self.residual_in_fp32, out_dtype
+            )
+            return m.step_xz_(xz, state, A), residual
         normed, residual = self.add_norm(hidden, residual)
-        return self.mixer.step_(normed, state, A), residual
+        return m.step_(normed, state, A), residual
 
     def step_carry(
         self, hidden: Tensor, residual: Tensor | None, state: MixerState, mask: Tensor | None = None

@@ -44,6 +44,9 @@ def run_compacted(forward, x: Tensor, mask: Tensor, state, return_state: bool):
     return ops.gather_time(out, inverse)
 
 
+FUSED_NORM_LINEAR_MAX_BATCH = 16  # above it cuBLAS' GEMM (weights read once) serves in_proj better
+
+
 def reads_weight_only(layer: nn.Module) -> bool:
     """Whether ``F.linear(x, layer.weight, layer.bias)`` is what ``layer(x)`` computes.
 
@@ -251,7 +254,22 @@ class MambaMixer(nn.Module):
     def step_(self, x: Tensor, state: MixerState, A: Tensor | None = None) -> Tensor:
         """One token with ``state`` updated in place: x (b,d) -> y (b,d). The graph-capturable twin of
         :meth:`step` (static buffers, the kernels' in-place updates); ``A`` from :meth:`decode_A`."""
-        xi, z = self.in_proj(x).chunk(2, dim=-1)  # (b,e)
+        return self.step_xz_(self.in_proj(x), state, A)
+
+    def fused_in_proj_ok(self, x: Tensor) -> bool:
+        """Whether the block may fold its add + norm into this mixer's in_proj for a decode step
+        (``ops.triton_step.add_rms_norm_linear``): the fused step switched on, a small batch, a plain
+        in_proj without bias."""
+        return (
+            x.shape[0] <= FUSED_NORM_LINEAR_MAX_BATCH
+            and self.in_proj.bias is None
+            and reads_weight_only(self.in_proj)
+            and ops.fused_step_enabled(x, self.kernel)
+        )
+
+    def step_xz_(self, xz: Tensor, state: MixerState, A: Tensor | None = None) -> Tensor:
+        """:meth:`step_` after in_proj: xz (b,2e) -> y (b,d), ``state`` updated in place."""
+        xi, z = xz.chunk(2, dim=-1)  # (b,e)
         xc = ops.causal_conv1d_update_(
             xi, state.conv, self.conv1d.weight[:, 0], self.conv1d.bias, kernel=self.kernel
         )

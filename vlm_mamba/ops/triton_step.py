@@ -12,6 +12,13 @@ the (e, n) state in place and writes y = C h + D x gated by silu(z), as mamba_ss
 dt is accumulated in fp32 here, where the unfused path rounds dt_proj's output to the activation
 dtype first: the two agree to bf16 rounding, not bit for bit. ``selective_state_update_dtproj_ref``
 is the plain twin the tests compare against (on the CPU through ``TRITON_INTERPRET=1``).
+The residual add and RMSNorm that open each block are a second pair: their only reader is
+in_proj, so :func:`add_rms_norm_linear` has each program (a row and a block of in_proj's outputs)
+recompute the add and the norm of its row (d values: cheap) before its block of the matrix-vector
+product; the program of the first block writes the new residual. For small batches only (the
+decoding graph of one batch size): at large batches cuBLAS' GEMM reads the weights once.
+Together: five launches per Mamba-1 layer and token (add + norm + in_proj, conv update, x_proj,
+dt_proj + state update, out_proj) instead of seven.
 Off unless ``vlm_mamba.ops.set_fused_step(True)`` (or ``VLM_MAMBA_FUSED_STEP=1``).
 
 Shapes: ``b`` batch, ``e`` channels, ``n`` state size, ``r`` dt rank.
@@ -85,6 +92,115 @@ if triton is not None:
             z = tl.load(z_ptr + pid_b * s_z_b + e * s_z_e, mask=e_ok, other=0.0).to(tl.float32)
             y = y * z * tl.sigmoid(z)
         tl.store(out_ptr + pid_b * s_o_b + e * s_o_e, y.to(out_ptr.dtype.element_ty), mask=e_ok)
+
+
+if triton is not None:
+
+    @triton.jit
+    def _add_norm_linear_kernel(
+        h_ptr, r_ptr, nw_ptr, w_ptr, out_ptr, res_out_ptr,
+        D, NOUT, eps,
+        s_h_b, s_h_d, s_r_b, s_r_d, s_w_o, s_w_d, s_o_b, s_o_o, s_ro_b, s_ro_d,
+        BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, HAS_RES: tl.constexpr, NORM_DTYPE: tl.constexpr,
+    ):  # fmt: skip
+        pid_b = tl.program_id(0)
+        pid_o = tl.program_id(1)
+        # pass 1: the row's sum of squares (and, in the first block's program, the new residual)
+        sq = tl.zeros((BLOCK_D,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = d < D
+            r = tl.load(h_ptr + pid_b * s_h_b + d * s_h_d, mask=d_ok, other=0.0).to(tl.float32)
+            if HAS_RES:
+                r += tl.load(r_ptr + pid_b * s_r_b + d * s_r_d, mask=d_ok, other=0.0).to(tl.float32)
+            sq += r * r
+            if pid_o == 0:
+                tl.store(
+                    res_out_ptr + pid_b * s_ro_b + d * s_ro_d, r.to(res_out_ptr.dtype.element_ty), mask=d_ok
+                )
+        rstd = 1.0 / tl.sqrt(tl.sum(sq, axis=0) / D + eps)
+        # pass 2: the normed row, rounded as the unfused norm writes it, against this block of rows of W
+        o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+        o_ok = o < NOUT
+        acc = tl.zeros((BLOCK_O,), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = d < D
+            r = tl.load(h_ptr + pid_b * s_h_b + d * s_h_d, mask=d_ok, other=0.0).to(tl.float32)
+            if HAS_RES:
+                r += tl.load(r_ptr + pid_b * s_r_b + d * s_r_d, mask=d_ok, other=0.0).to(tl.float32)
+            nw = tl.load(nw_ptr + d, mask=d_ok, other=0.0).to(tl.float32)
+            x = (r * rstd * nw).to(NORM_DTYPE).to(tl.float32)
+            w = tl.load(
+                w_ptr + o[:, None] * s_w_o + d[None, :] * s_w_d, mask=o_ok[:, None] & d_ok[None, :], other=0.0
+            ).to(tl.float32)  # (BO, BD)
+            acc += tl.sum(w * x[None, :], axis=1)
+        tl.store(out_ptr + pid_b * s_o_b + o * s_o_o, acc.to(out_ptr.dtype.element_ty), mask=o_ok)
+
+
+_TL_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+
+def add_rms_norm_linear(
+    hidden: Tensor,
+    residual: Tensor | None,
+    norm_weight: Tensor,
+    eps: float,
+    weight: Tensor,
+    residual_in_fp32: bool = True,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(hidden + residual) -> (RMSNorm(it) @ weight^T, it): a block's add + norm and in_proj in one
+    kernel. hidden (b,d), residual (b,d) or None, norm_weight (d,), weight (o,d). Returns (out (b,o)
+    in ``out_dtype`` (default hidden's), the new residual (b,d), fp32 with ``residual_in_fp32``).
+    The normed row is rounded to ``out_dtype`` before the product, as the unfused norm's output is."""
+    if triton is None:
+        raise RuntimeError("the fused decode step needs triton")
+    b, d = hidden.shape
+    o = weight.shape[0]
+    out_dtype = out_dtype or hidden.dtype
+    if (
+        weight.shape[1] != d
+        or norm_weight.shape != (d,)
+        or (residual is not None and residual.shape != (b, d))
+    ):
+        raise ValueError(
+            f"shapes: hidden {tuple(hidden.shape)}, residual {None if residual is None else tuple(residual.shape)}, "
+            f"norm_weight {tuple(norm_weight.shape)}, weight {tuple(weight.shape)}"
+        )
+    out = torch.empty(b, o, dtype=out_dtype, device=hidden.device)
+    res_out = torch.empty(
+        b, d, dtype=torch.float32 if residual_in_fp32 else (residual.dtype if residual is not None else hidden.dtype),
+        device=hidden.device,
+    )  # fmt: skip
+    rr = residual if residual is not None else hidden
+    block_o = 64
+    _add_norm_linear_kernel[(b, triton.cdiv(o, block_o))](
+        hidden, rr, norm_weight, weight, out, res_out,
+        d, o, eps,
+        *hidden.stride(), *rr.stride(), *weight.stride(), *out.stride(), *res_out.stride(),
+        BLOCK_D=min(256, triton.next_power_of_2(d)), BLOCK_O=block_o, HAS_RES=residual is not None,
+        NORM_DTYPE=getattr(tl, _TL_DTYPES[out_dtype]), num_warps=4,
+    )  # fmt: skip
+    return out, res_out
+
+
+def add_rms_norm_linear_ref(
+    hidden: Tensor,
+    residual: Tensor | None,
+    norm_weight: Tensor,
+    eps: float,
+    weight: Tensor,
+    residual_in_fp32: bool = True,
+    out_dtype: torch.dtype | None = None,
+) -> tuple[Tensor, Tensor]:
+    """The plain twin of :func:`add_rms_norm_linear`."""
+    out_dtype = out_dtype or hidden.dtype
+    r = hidden.float() if residual is None else hidden.float() + residual.float()
+    x = (r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()).to(out_dtype)
+    out = (x.float() @ weight.float().t()).to(out_dtype)
+    res = r if residual_in_fp32 else r.to(residual.dtype if residual is not None else hidden.dtype)
+    return out, res
 
 
 def selective_state_update_dtproj_(
