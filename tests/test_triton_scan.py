@@ -3,13 +3,11 @@ twin, on the CPU through Triton's interpreter. TRITON_INTERPRET=1 must be set be
 first imported, so the cases run in a child process (``_triton_scan_cases.py``) and report back;
 the GPU run of the kernel inside the model is in tests/test_gpu_prefill.py."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.triton_interpret import run_interpreted
 
 pytest.importorskip("triton")
 
@@ -18,10 +16,7 @@ CASES = Path(__file__).with_name("_triton_scan_cases.py")
 
 @pytest.fixture(scope="module")
 def results() -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, str(CASES)], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return run_interpreted(CASES)
 
 
 @pytest.mark.parametrize("gate", [True, False])

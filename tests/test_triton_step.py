@@ -3,13 +3,11 @@ plain twin and the unfused step, on the CPU through Triton's interpreter (a chil
 interpreter is chosen before triton is imported). The kernel inside the captured decode graph on a
 GPU: tests/test_gpu_decoding.py."""
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.triton_interpret import run_interpreted
 
 pytest.importorskip("triton")
 
@@ -18,10 +16,7 @@ CASES = Path(__file__).with_name("_triton_step_cases.py")
 
 @pytest.fixture(scope="module")
 def results() -> dict:
-    env = {**os.environ, "TRITON_INTERPRET": "1"}
-    r = subprocess.run([sys.executable, str(CASES)], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    return run_interpreted(CASES)
 
 
 @pytest.mark.parametrize("gate", [True, False])
