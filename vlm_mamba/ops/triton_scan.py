@@ -27,16 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-try:  # triton ships with CUDA builds of torch; the CPU-only build has none
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - exercised on machines without triton
-    triton = None
-
-
-def available() -> bool:
-    return triton is not None
-
+from vlm_mamba.ops._triton import available, tl, triton  # noqa: F401  (available: this module's API)
 
 if triton is not None:
 
