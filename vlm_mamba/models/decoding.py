@@ -35,8 +35,7 @@ import torch
 from torch import Tensor
 
 from ..layers.state import InferenceState, MixerState
-from .graphs import graph_unavailable_reason, sharded
-from .graphs import uncached_autocast as _uncached_autocast
+from .graphs import CapturedCall, graph_unavailable_reason, sharded
 
 log = logging.getLogger(__name__)
 
@@ -110,10 +109,10 @@ class DecodeCache:
 
 
 class GraphedStep:
-    """``lm.step_(tokens, cache)`` captured in a CUDA graph for ``cache``'s buffers and batch size.
-
-    The warm-up runs twice on a side stream (cuBLAS workspaces, triton autotuning) with the cache's
-    content saved and restored around it, so capturing never changes the state being decoded.
+    """``lm.step_(tokens, cache)`` captured in a CUDA graph for ``cache``'s buffers and batch size
+    (``graphs.CapturedCall``: two warm-ups on a side stream for cuBLAS workspaces and triton's
+    autotuning, then the capture), with the cache's content saved and restored around it, so
+    capturing never changes the state being decoded. A step returns the graph's logits buffer.
     """
 
     def __init__(self, lm: Any, cache: DecodeCache) -> None:
@@ -122,23 +121,13 @@ class GraphedStep:
             raise RuntimeError(f"CUDA graphs need CUDA tensors, the decoding state is on {dev}")
         if sharded(lm):  # FSDP gathers the weights into new storage for each call
             raise RuntimeError("the model's parameters are sharded (FSDP)")
-        self.tokens = torch.zeros(cache.batch_size, dtype=torch.long, device=dev)
+        tokens = torch.zeros(cache.batch_size, dtype=torch.long, device=dev)
         saved = cache.snapshot()
-        side = torch.cuda.Stream(device=dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side), torch.no_grad(), _uncached_autocast():
-            for _ in range(2):
-                lm.step_(self.tokens, cache)
-        torch.cuda.current_stream(dev).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph), torch.no_grad(), _uncached_autocast():
-            self.logits = lm.step_(self.tokens, cache)
+        self.call = CapturedCall(lambda t: [lm.step_(t, cache)], [tokens], pool=None)
         cache.load_(saved)
 
     def __call__(self, tokens: Tensor) -> Tensor:
-        self.tokens.copy_(tokens)
-        self.graph.replay()
-        return self.logits
+        return self.call.replay([tokens])[0]
 
 
 def _root(t: Tensor) -> Tensor:

@@ -75,11 +75,15 @@ class CapturedCall:
         with torch.cuda.graph(self.graph, pool=pool), torch.no_grad(), uncached_autocast():
             self.outputs = list(fn(*self.inputs))
 
-    def __call__(self, inputs: Sequence[Tensor]) -> list[Tensor]:
+    def replay(self, inputs: Sequence[Tensor]) -> list[Tensor]:
+        """The graph's own output buffers: valid until the next replay."""
         for buf, t in zip(self.inputs, inputs):
             buf.copy_(t)
         self.graph.replay()
-        return [o.clone() for o in self.outputs]
+        return self.outputs
+
+    def __call__(self, inputs: Sequence[Tensor]) -> list[Tensor]:
+        return [o.clone() for o in self.replay(inputs)]
 
 
 class GraphCache:
