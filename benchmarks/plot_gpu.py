@@ -141,15 +141,15 @@ def plot_decode(data: dict, out: Path) -> Path | None:
     styles = ["o-", "s--", "^:", "d-."]
     # a line joins records of one commit only (a merged file can hold our decoder before and after a
     # change); when ours spans several commits, its labels name them and older ones are drawn faint
-    ours_commits = sorted({commit_of(data, r) for r in recs if r["model"] == "ours"})
-    newest = {c: i for i, c in enumerate(sorted(ours_commits, key=lambda c: max(
-        r.get("run", 0) for r in recs if r["model"] == "ours" and commit_of(data, r) == c)))}  # fmt: skip
+    ours = [r for r in recs if r["model"] == "ours"]
+    several = len({commit_of(data, r) for r in ours}) > 1
+    latest = commit_of(data, max(ours, key=lambda r: r.get("run", 0))) if ours else None
 
     def draw(ax, rs, x, y, style, who, label):
         for i, c in enumerate(sorted({commit_of(data, r) for r in rs})):
             part = sorted((r for r in rs if commit_of(data, r) == c), key=lambda r: r[x])
-            faint = who == "ours" and len(ours_commits) > 1 and newest[c] < len(ours_commits) - 1
-            tag = f" @{c}" if who == "ours" and len(ours_commits) > 1 else ""
+            faint = who == "ours" and several and c != latest
+            tag = f" @{c}" if who == "ours" and several else ""
             ax.plot([r[x] for r in part], [r[y] for r in part], style, color=COLORS[who],
                     alpha=0.35 if faint else 1.0, label=label + tag if tag or i == 0 else None)  # fmt: skip
 
