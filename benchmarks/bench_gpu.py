@@ -1020,6 +1020,7 @@ class Suite:
 
         subjects: list[tuple[str, str, Callable[[], Any]]] = [
             ("ours", "mamba1", lambda: ours),
+            *([("ours_fused", "mamba1", lambda: ours)] if getattr(self.args, "fused_step", False) else []),
             ("stock", "mamba1", lambda: self.build_stock("mamba1").to(torch.bfloat16).eval()),
             ("llama", "-", lambda: self.build_llama(target).to(torch.bfloat16).eval()),
             ("ours", "mamba2", ours2),
@@ -1042,15 +1043,25 @@ class Suite:
             except Exception as e:
                 decoders[who, ssm] = f"{type(e).__name__}: {str(e)[:200]}"
                 continue
-            dec = {"ours": OursDecoder, "stock": StockDecoder, "llama": LlamaDecoder}[who](model, self)
-            dec.amp = weights.get((who, ssm), (False, ""))[0]
+            dec = {
+                "ours": OursDecoder,
+                "ours_fused": OursDecoder,
+                "stock": StockDecoder,
+                "llama": LlamaDecoder,
+            }[who](model, self)
+            if who.startswith("ours"):
+                dec.fused = who == "ours_fused"
+                dec.path += " [fused dt_proj step]" if dec.fused else ""
+            dec.amp = weights.get(("ours" if who.startswith("ours") else who, ssm), (False, ""))[0]
             decoders[who, ssm] = dec
         m2 = set(P.decode_mamba2)
         for i, (b, ctx) in enumerate(sorted(cases, key=lambda bc: (bc[0] * bc[1], bc))):
             for (who, ssm), dec in decoders.items():
                 if ssm == "mamba2" and (b, ctx) not in m2:
                     continue
-                wdesc = weights.get((who, ssm), (False, "bf16 weights"))[1]
+                wdesc = weights.get(
+                    ("ours" if who.startswith("ours") else who, ssm), (False, "bf16 weights")
+                )[1]
                 rec = {"section": "decode", "case": f"b={b} ctx={ctx}", "model": who, "ssm": ssm, "batch": b,
                        "context": ctx, "new_tokens": P.decode_new, "weights": wdesc,
                        "path": dec.path if isinstance(dec, Decoder) else None}  # fmt: skip
@@ -1456,10 +1467,20 @@ class OursDecoder(Decoder):
                 "eager: LanguageMamba(return_state=True) prefill + vlm_mamba.generation.decode step loop"
             )
 
+    fused: bool | None = None  # ops.set_fused_step for this decoder's calls (None: as set globally)
+
     @torch.no_grad()
     def run(self, ids: torch.Tensor, k: int) -> torch.Tensor:
-        with self.ctx():
-            return self._run(ids, k)
+        from vlm_mamba import ops
+
+        before = ops._fused_step
+        if self.fused is not None:
+            ops.set_fused_step(self.fused)
+        try:
+            with self.ctx():
+                return self._run(ids, k)
+        finally:
+            ops.set_fused_step(before)
 
     def _run(self, ids: torch.Tensor, k: int) -> torch.Tensor:
         m = self.model
@@ -1722,11 +1743,12 @@ def summarize(records: list[dict]) -> dict:
         "exponent_note": "slope of log(step ms / batch) over log(length): 1 = linear, 2 = quadratic",
     }
     for r in records:
-        if r["section"] == "decode" and r["model"] == "ours" and "itl_ms" in r:
+        if r["section"] == "decode" and r["model"] in ("ours", "ours_fused") and "itl_ms" in r:
+            fused = ", fused step" if r["model"] == "ours_fused" else ""
             for ref_name in ("stock", "llama") if r["ssm"] == "mamba1" else ("stock",):
                 ssm = r["ssm"] if ref_name == "stock" else "-"
                 ref = _get(records, section="decode", case=r["case"], model=ref_name, ssm=ssm)
-                add(f"decode vs {ref_name} ({r['ssm']})", r["case"], r, ref, "decode_tokens_per_s", ref_name,
+                add(f"decode vs {ref_name} ({r['ssm']}{fused})", r["case"], r, ref, "decode_tokens_per_s", ref_name,
                     extra={"ours_itl_ms": r["itl_ms"], "ref_itl_ms": (ref or {}).get("itl_ms"),
                            "ours_ttft_ms": r["ttft_ms"], "ref_ttft_ms": (ref or {}).get("ttft_ms"),
                            "ours_state_bytes": r["state_bytes"], "ref_state_bytes": (ref or {}).get("state_bytes"),
@@ -1767,7 +1789,7 @@ def summarize(records: list[dict]) -> dict:
     lead = [
         {"batch": r["batch"], "context": r["context"], "ours_over_llama_decode_tokens_per_s": x["ratio"]}
         for x in rows
-        if x["topic"].startswith("decode vs llama")
+        if x["topic"] == "decode vs llama (mamba1)"
         for r in [_get(records, section="decode", case=x["case"], model="ours", ssm="mamba1")]
         if r is not None and x["ratio"] is not None
     ]
@@ -1847,7 +1869,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--decode-contexts", type=int, nargs="+", help="decode section: prompt lengths")
     ap.add_argument("--fused-step", action="store_true",
-                    help="Mamba-1 decoding with dt_proj folded into the state update (ops.set_fused_step)")  # fmt: skip
+                    help="decode section: also Mamba-1 rows 'ours_fused' (dt_proj folded into the state update, "
+                         "ops.set_fused_step) beside the default step's, same run")  # fmt: skip
     ap.add_argument("--warmup", type=int)
     ap.add_argument("--git-info", help="JSON with the commit measured (written before a GPU call)")
     ap.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/bench_gpu_<device>.json)")
@@ -2011,10 +2034,6 @@ def main(argv: list[str] | None = None) -> int:
         plan.decode_batches = args.decode_batches
     if args.decode_contexts:
         plan.decode_contexts = args.decode_contexts
-    if args.fused_step:
-        from vlm_mamba import ops
-
-        ops.set_fused_step(True)
     if args.warmup is not None:
         plan.warmup = args.warmup
     suite = Suite(args, plan, device)

@@ -34,6 +34,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from .. import ops
 from ..layers.state import InferenceState, MixerState
 from .graphs import CapturedCall, graph_unavailable_reason, sharded
 
@@ -143,7 +144,11 @@ _CACHES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 def cache_for(lm: Any, state: InferenceState) -> DecodeCache:
     """The model's cache for ``state``'s shapes, loaded with ``state`` (created on first use)."""
     per_model = _CACHES.setdefault(lm, {})
-    key = tuple((s.conv.shape, s.ssm.shape, s.conv.dtype, str(s.ssm.device)) for s in state)
+    # the fused-step switch is part of the key: a graph captured with one set of kernels is not
+    # replayed after the switch changes
+    key = (ops.fused_step_switch(),) + tuple(
+        (s.conv.shape, s.ssm.shape, s.conv.dtype, str(s.ssm.device)) for s in state
+    )
     cache = per_model.get(key)
     if cache is None:
         cache = per_model[key] = DecodeCache(lm, state)

@@ -315,10 +315,14 @@ def set_fused_step(enabled: bool | None) -> None:
     _fused_step = enabled
 
 
+def fused_step_switch() -> bool:
+    """The fused-step switch as set (``set_fused_step``, else the environment), whatever the device."""
+    return _fused_step if _fused_step is not None else os.environ.get(FUSED_STEP_ENV, "").strip() == "1"
+
+
 def fused_step_enabled(x: Tensor, kernel: str | None = "auto") -> bool:
     """Whether the fused Mamba-1 decode step serves ``x``: switched on, CUDA family, triton present."""
-    on = _fused_step if _fused_step is not None else os.environ.get(FUSED_STEP_ENV, "").strip() == "1"
-    if not on or kernel_family(kernel, x.device) != "cuda":
+    if not fused_step_switch() or kernel_family(kernel, x.device) != "cuda":
         return False
     from vlm_mamba.ops import triton_step
 
