@@ -1073,8 +1073,42 @@ class Suite:
                 dec.release()
             if i == 0:
                 self._vlm_decode()
+                for (who, ssm), dec in decoders.items():  # where a step's time goes, by kernel
+                    if who.startswith("ours") and isinstance(dec, Decoder):
+                        rec = {"section": "decode_profile", "case": f"b={b} ctx={ctx}", "model": who, "ssm": ssm,
+                               "batch": b}  # fmt: skip
+                        self.case(rec, lambda dec=dec, b=b: self._step_profile(dec, b))
         decoders.clear()
         self.clean()
+
+    def _step_profile(self, dec: Decoder, b: int, steps: int = 16) -> dict:
+        """``steps`` in-place decode steps of ``dec``'s model (eager, and as graph replays), by kernel."""
+        from vlm_mamba import ops
+        from vlm_mamba.models.decoding import cache_for
+
+        lm, out = dec.model, {}
+        before = ops._fused_step
+        ops.set_fused_step(getattr(dec, "fused", None) if getattr(dec, "fused", None) is not None else before)
+        try:
+            with torch.no_grad(), dec.ctx():
+                ids = torch.randint(1, self.plan.lm["vocab_size"], (b, 64), device=self.device)
+                o = lm(ids, return_state=True, logits="last")
+                for mode, graph in (("eager_in_place", False), ("graph_replay", True)):
+                    cache = cache_for(lm, o.state)
+                    tok = o.logits[:, -1].argmax(-1)
+                    cache.step(tok, cuda_graph=graph)  # capture (graph) / warm-up outside the profile
+
+                    def run(cache=cache, tok=tok, graph=graph):
+                        for _ in range(steps):
+                            cache.step(tok, cuda_graph=graph)
+
+                    r = top_kernels(run, self.device, k=16)
+                    r["steps"] = steps
+                    r["per_step_device_ms"] = r["total_ms"] / steps
+                    out[mode] = r
+        finally:
+            ops.set_fused_step(before)
+        return out
 
     def _decode_case(self, dec: Decoder, b: int, ctx: int, bw: float) -> dict:
         P = self.plan
@@ -1232,6 +1266,10 @@ class Suite:
                         return r
 
                     self.case(rec, measure)
+                    if b == max(P.prefill_batches) and t == max(P.prefill_state_lengths):
+                        prof = {k: rec[k] for k in ("case", "model", "variant", "batch", "length")}
+                        self.case({"section": "prefill_state_profile", **prof},
+                                  lambda run=run: top_kernels(run, self.device, k=16))  # fmt: skip
             del state
             for t in P.prefill_vlm_lengths:
                 ids = torch.randint(1, V, (b, t), device=self.device)

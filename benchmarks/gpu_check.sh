@@ -10,7 +10,7 @@ export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 VLM_MAMBA_TOL_LOG=$OUT/tol.j
 nvidia-smi --query-gpu=name,driver_version --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import torch, triton, mamba_ssm, causal_conv1d; print('torch', torch.__version__, 'triton', triton.__version__, 'mamba_ssm', mamba_ssm.__version__, 'causal_conv1d', causal_conv1d.__version__)" | tee -a "$OUT/device.txt"
 git log -1 --format='%H %s' 2>/dev/null | cut -c1-120 | tee -a "$OUT/device.txt"
-eval timeout "$1" python3 -m pytest -q -p no:cacheprovider -m gpu -rA "$2" 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "PASSED|FAILED|ERROR|passed|failed|error" | tail -60
+eval timeout "$1" python3 -m pytest -v -p no:cacheprovider -m gpu -rfE "$2" 2>&1 | tee "$OUT/gpu_tests.log" | grep -E "PASSED|FAILED|ERROR|passed|failed|error" | tail -60
 echo "pytest exit: ${PIPESTATUS[0]}"
 if [ $# -ge 4 ]; then
   timeout "$3" python3 benchmarks/bench_gpu.py $4 --time-budget $(( $3 - 20 )) --out "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench.log" | tail -40

@@ -1,0 +1,44 @@
+"""Session setup shared by every test file.
+
+On a GPU machine, mamba_ssm's Triton kernels (the SSD chunked scan of Mamba-2, the gated norm) are
+autotuned: every new shape benchmarks 10-20 configurations before its first call, and the GPU
+tests use many shapes, so triton's tuning took most of their time (minutes for the Mamba-2
+tests). The tests check values, not speed: each autotuner keeps its first configuration here.
+``VLM_MAMBA_TEST_AUTOTUNE=1`` keeps the full autotuning (to test the configurations a user's run
+picks). Benchmarks are untouched (they do not import this file).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import pkgutil
+
+
+def _one_triton_config_per_kernel() -> int:
+    """Keep the first config of every ``triton.autotune`` in ``mamba_ssm.ops.triton``; returns how
+    many autotuners were pruned (0 without CUDA, triton or mamba_ssm)."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return 0
+        import mamba_ssm.ops.triton as pkg
+        from triton.runtime.autotuner import Autotuner
+    except Exception:  # no kernels here: nothing is autotuned
+        return 0
+    pruned = 0
+    for info in pkgutil.iter_modules(pkg.__path__):
+        try:
+            mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        except Exception:  # a module that does not import on this install is not used either
+            continue
+        for obj in vars(mod).values():
+            if isinstance(obj, Autotuner) and len(obj.configs) > 1:
+                obj.configs = obj.configs[:1]
+                pruned += 1
+    return pruned
+
+
+if os.environ.get("VLM_MAMBA_TEST_AUTOTUNE") != "1":
+    _one_triton_config_per_kernel()
