@@ -1382,7 +1382,8 @@ class Suite:
         new = 3
         runs = {
             ("ours", "image_state_cache"): lambda: ours.generate(images, prompts, image_index=index, max_new_tokens=new,
-                                                                 eos_token_id=None, use_image_cache=True),
+                                                                 eos_token_id=None, use_image_cache=True,
+                                                                 prefill_graph=False),
             ("ours", "image_state_cache_graphs"): lambda: ours.generate(images, prompts, image_index=index,
                 max_new_tokens=new, eos_token_id=None, use_image_cache=True, prefill_graph=True),
             ("ours", "recompute"): lambda: ours.generate(images, prompts, image_index=index, max_new_tokens=new,
@@ -1822,6 +1823,8 @@ def summarize(records: list[dict]) -> dict:
     add("VQA: ours cache vs peer", "peer recomputes", c, _get(records, section="vqa", model="peer"),
         "questions_per_s", "peer")  # fmt: skip
     cg = _get(records, section="vqa", model="ours", variant="image_state_cache_graphs")
+    add("VQA: image-state cache + prefill graphs vs recompute", "ours", cg,
+        _get(records, section="vqa", model="ours", variant="recompute"), "questions_per_s", "ours recompute")  # fmt: skip
     add("VQA: ours cache + prefill graphs vs peer", "peer recomputes", cg, _get(records, section="vqa", model="peer"),
         "questions_per_s", "peer")  # fmt: skip
     lead = [

@@ -29,12 +29,19 @@ def kernels_missing() -> bool:
     return not DRY and (not torch.cuda.is_available() or ops.cuda_unavailable_reason() is not None)
 
 
+def needed_atol(a: torch.Tensor, b: torch.Tensor, rtol: float) -> float:
+    """The smallest atol (in units of rms(b)) for which ``close(a, b, rtol, atol)`` passes."""
+    a, b = a.detach().float(), b.detach().float()
+    scale = b.square().mean().sqrt().clamp_min(1e-12).item()
+    return max(((a - b).abs() - rtol * b.abs()).max().item(), 0.0) / scale if a.numel() else 0.0
+
+
 def close(a: torch.Tensor, b: torch.Tensor, rtol: float, atol: float, what: str = "") -> None:
     """Per element: |a - b| <= atol * rms(b) + rtol * |b| (see the top)."""
     a, b = a.detach().float(), b.detach().float()
     assert a.shape == b.shape, f"{what}: shapes {tuple(a.shape)} vs {tuple(b.shape)}"
     scale = b.square().mean().sqrt().clamp_min(1e-12).item()
-    need = max(((a - b).abs() - rtol * b.abs()).max().item(), 0.0) / scale if a.numel() else 0.0
+    need = needed_atol(a, b, rtol)
     log = os.environ.get("VLM_MAMBA_TOL_LOG")
     if log:
         test = os.environ.get("PYTEST_CURRENT_TEST", "").split(" ")[0]

@@ -7,7 +7,7 @@ both paths round to bf16 at different places and the differences add up over the
 import pytest
 import torch
 
-from tests.gpu_util import DEV, FAST, PLAIN, close, kernels_missing
+from tests.gpu_util import DEV, FAST, PLAIN, close, kernels_missing, needed_atol
 from vlm_mamba import VLMamba, create_model, get_config
 from vlm_mamba.layers.lora import LoRALinear
 
@@ -63,14 +63,17 @@ def test_cuda_kernels_match_torch_path(case, dtype):
     if CASES[case].get("vision_mode") == "fuyu":  # images of different sizes on the canvas: gaps
         kw["image_sizes"] = torch.tensor([[64, 64], [32, 64], [64, 32], [32, 32]], device=DEV)
     outs, grads = {}, {}
-    for family in (FAST, PLAIN):
+    # bf16: the fp32 torch path as well, the truth both bf16 paths' gradients are held to
+    runs = [(FAST, dtype == "bf16"), (PLAIN, dtype == "bf16")] + ([(PLAIN, False)] if dtype == "bf16" else [])
+    for family, amp in runs:
         _set_kernel(model, family)
         model.zero_grad(set_to_none=True)
-        with torch.autocast(DEV, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        with torch.autocast(DEV, dtype=torch.bfloat16, enabled=amp):
             out = model(images, ids, attention_mask=mask, labels=labels, **kw)
         out.loss.backward()
-        outs[family] = (out.logits.detach().float()[mask.bool()], out.loss.detach().float())
-        grads[family] = {
+        key = family if amp == (dtype == "bf16") else "fp32"
+        outs[key] = (out.logits.detach().float()[mask.bool()], out.loss.detach().float())
+        grads[key] = {
             n: p.grad.detach().float().clone() for n, p in model.named_parameters() if p.grad is not None
         }
     rtol, atol = TOL[dtype]
@@ -78,7 +81,16 @@ def test_cuda_kernels_match_torch_path(case, dtype):
     close(outs[FAST][1], outs[PLAIN][1], rtol, atol, "loss")
     assert grads[FAST].keys() == grads[PLAIN].keys() and grads[FAST]
     for n, g in grads[PLAIN].items():
-        close(grads[FAST][n], g, rtol, 2 * atol, f"grad {n}")
+        if dtype == "fp32":
+            close(grads[FAST][n], g, rtol, 2 * atol, f"grad {n}")
+            continue
+        # bf16 gradients of a whole VLM differ between any two bf16 paths by more than one rounding
+        # (the scan kernel's backward accumulates with atomics, the rounding points differ, and the
+        # differences compound through the layers). Held per element to the fp32 truth, with the
+        # torch path's own bf16 error (x2) as the allowance: the kernels may not be worse than it.
+        truth = grads["fp32"][n]
+        allowance = max(2 * atol, 2 * needed_atol(g, truth, rtol))
+        close(grads[FAST][n], truth, rtol, allowance, f"grad {n} (bf16 kernels vs the fp32 truth)")
     if "lora" in case:
         assert any("lora_A" in n for n in grads[FAST])
 

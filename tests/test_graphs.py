@@ -58,14 +58,24 @@ def test_captured_functions_equal_the_eager_prefill(ssm):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_generate_with_prefill_graph_on_the_cpu_is_the_eager_path(caplog):
+def test_generate_with_prefill_graph_on_the_cpu_is_the_eager_path(caplog, monkeypatch):
+    """The default (None: graphs where they can be captured) runs op by op on the CPU without a
+    word; prefill_graph=True says why it cannot; all three give the same tokens."""
+    from vlm_mamba.models import vlm as vlm_module
+
+    monkeypatch.setattr(vlm_module, "_GRAPH_LOGGED", set())
     model = _perturbed()
     images = torch.randn(2, 3, 32, 32)
     ids = torch.randint(4, 200, (2, 7))
     with caplog.at_level(logging.INFO, logger="vlm_mamba.models.vlm"):
+        default = model.generate(images, ids, max_new_tokens=6)
+        assert not [r for r in caplog.records if "CUDA graphs" in r.getMessage()]
         a = model.generate(images, ids, max_new_tokens=6, prefill_graph=True)
-    b = model.generate(images, ids, max_new_tokens=6)
-    assert torch.equal(a, b)
+        assert any(
+            "without CUDA graphs" in r.getMessage() and "cpu" in r.getMessage() for r in caplog.records
+        )
+    b = model.generate(images, ids, max_new_tokens=6, prefill_graph=False)
+    assert torch.equal(a, b) and torch.equal(default, b)
     assert graphs.graph_cache(model).captures == 0
 
 

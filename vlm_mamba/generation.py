@@ -40,10 +40,12 @@ class GenerationConfig:
     # as one CUDA graph per batch shape), "auto" (graph on CUDA with the kernels, else functional)
     decoder: str = "auto"
     sync_every: int = 8  # greedy/sampling: the loop reads "all rows done?" back every this many tokens
-    # VLMamba.generate on CUDA: the image prefill (one graph per image batch shape) and the prompt
-    # prefill from the image state (prompts left-padded to a bucket of lengths, one graph per bucket)
-    # replayed as CUDA graphs (vlm_mamba.models.graphs); off: both run op by op
-    prefill_graph: bool = False
+    # VLMamba.generate: the image prefill (one graph per image batch shape) and the prompt prefill
+    # from the image state (prompts left-padded to a bucket of lengths, one graph per bucket)
+    # replayed as CUDA graphs (vlm_mamba.models.graphs). None (default): wherever a graph can be
+    # captured (CUDA kernels, encoder mode, eval mode, not sharded), op by op elsewhere; True: the
+    # same, and the reason is logged where it cannot; False: always op by op
+    prefill_graph: bool | None = None
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:

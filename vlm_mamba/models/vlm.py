@@ -264,7 +264,7 @@ class VLMamba(nn.Module):
         images: torch.Tensor,
         image_sizes: torch.Tensor | None = None,
         prefix_ids: torch.Tensor | None = None,
-        cuda_graph: bool = False,
+        cuda_graph: bool | None = False,
     ):
         """The image-state cache: run the language model over each image's tokens (and an
         optional fixed prompt prefix (s,)) once, returning the state (an ``InferenceState`` of n
@@ -272,10 +272,16 @@ class VLMamba(nn.Module):
 
         ``cuda_graph``: on CUDA, in encoder mode without ``image_sizes`` or a prefix (fixed shapes),
         the vision encoder, the bridge and the LM prefill replay as one CUDA graph per image batch
-        shape (``vlm_mamba.models.graphs``); elsewhere it runs op by op, as without it."""
+        shape (``vlm_mamba.models.graphs``); elsewhere it runs op by op, as without it (True logs
+        why once, None does not)."""
         if self.config.prompt_order != "image_first":
             raise ValueError("the image-state cache needs prompt_order='image_first'")
-        if cuda_graph and self._graphable(images) and image_sizes is None and prefix_ids is None:
+        if (
+            cuda_graph is not False
+            and image_sizes is None
+            and prefix_ids is None
+            and self._graphable(images, quiet=cuda_graph is None)
+        ):
             flat = graph_cache(self).run("prefill_images", self._image_prefill_flat, [images])
             if flat is not None:
                 return _unflatten_state(flat)
@@ -291,15 +297,15 @@ class VLMamba(nn.Module):
         )
         return out.state
 
-    def _graphable(self, x: torch.Tensor) -> bool:
+    def _graphable(self, x: torch.Tensor, quiet: bool = False) -> bool:
         """Whether this call can replay a CUDA graph: CUDA kernels, encoder mode, eval mode, not
-        sharded; otherwise it runs op by op (logged once per reason)."""
+        sharded; otherwise it runs op by op (logged once per reason unless ``quiet``)."""
         reason = graph_unavailable_reason(x.device)
         if reason is None and self.config.vision_mode != "encoder":
             reason = "fuyu mode (the canvas shapes follow each batch's images)"
         if reason is None and (self.training or sharded(self)):
             reason = "the model is training or sharded (FSDP)"
-        if reason is not None and reason not in _GRAPH_LOGGED:
+        if reason is not None and not quiet and reason not in _GRAPH_LOGGED:
             _GRAPH_LOGGED.add(reason)
             log.info("prefill runs without CUDA graphs: %s", reason)
         return reason is None
@@ -364,7 +370,7 @@ class VLMamba(nn.Module):
                 image_state = self.prefill_images(images, image_sizes, cuda_graph=gcfg.prefill_graph)
             state = image_state.index_select(image_index)  # fork: (b, ...)
             flat = None
-            if gcfg.prefill_graph and self._graphable(txt):
+            if gcfg.prefill_graph is not False and self._graphable(txt, quiet=gcfg.prefill_graph is None):
                 # left-pad the prompts to their bucket: the pads are identity steps, so one graph
                 # serves every prompt length up to the bucket
                 pad = prompt_bucket(s) - s

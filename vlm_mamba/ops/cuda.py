@@ -6,8 +6,9 @@ lack is added here without leaving the GPU:
 - ``selective_scan_fn`` takes no initial state. The scan is linear in its state, so a run from h0
   equals the run from zero plus ``C_t . (exp(A * cumsum(delta)_t) * h0)`` at every step (and the
   same decay times h0 on the last state); that term is added with plain tensor ops (autograd ok).
-- ``causal_conv1d_fn`` takes initial states only for channel-last inputs; prepending them to the
-  sequence and dropping the first k-1 outputs is exact for any layout.
+- ``causal_conv1d_fn`` takes initial states only for channel-last inputs; only the first k-1
+  outputs read them, so those are recomputed from a small window (exact for any layout, and the
+  sequence is not copied).
 - The one-step kernels (``causal_conv1d_update``, ``selective_state_update``) update their state in
   place; they get a clone, so the caller's state is never mutated.
 
@@ -59,16 +60,23 @@ def causal_conv1d(x, weight, bias=None, initial_states=None, return_final_states
     """x (b,e,l), weight (e,k), initial_states (b,e,k-1) -> y (b,e,l) [, final states (b,e,k-1)]."""
     K = load()
     k = weight.shape[-1]
-    xp = torch.cat([initial_states.to(x.dtype), x], dim=-1) if initial_states is not None else x
-    if xp.stride(-1) != 1 and (xp.stride(0) % 8 or xp.stride(2) % 8):
-        xp = xp.contiguous()  # the channel-last kernel needs strides that are multiples of 8
-    y = K.causal_conv1d_fn(xp, weight, bias, activation=activation)
+    if x.stride(-1) != 1 and (x.stride(0) % 8 or x.stride(2) % 8):
+        x = x.contiguous()  # the channel-last kernel needs strides that are multiples of 8
+    y = K.causal_conv1d_fn(x, weight, bias, activation=activation)
     if initial_states is not None:
-        # a copy, not a view: a view offset by k-1 elements is misaligned for the vectorised loads
-        # of the kernels that read it next (cuBLAS, selective_scan: "misaligned address" in bf16)
-        y = y[..., k - 1 :].contiguous()
+        # only the first k-1 outputs read the initial states: they are recomputed from a
+        # (b, e, 2k-2) window and written over the kernel's (which read zeros there), so the
+        # sequence is never copied to prepend the states
+        init = initial_states.to(x.dtype)
+        window = torch.cat([init, x[..., : k - 1]], dim=-1).float()  # (b,e,k-1+min(l,k-1))
+        head = F.conv1d(window, weight.float()[:, None, :], None if bias is None else bias.float(),
+                        groups=weight.shape[0])  # fmt: skip
+        if activation in ("silu", "swish"):
+            head = F.silu(head)
+        y[..., : head.shape[-1]] = head.to(y.dtype)
     if return_final_states:
-        full = xp if initial_states is not None else F.pad(x, (k - 1, 0))
+        init = initial_states.to(x.dtype) if initial_states is not None else x.new_zeros(*x.shape[:2], k - 1)
+        full = torch.cat([init, x[..., max(x.shape[-1] - (k - 1), 0) :]], dim=-1)
         return y, full[..., full.shape[-1] - (k - 1) :]
     return y
 

@@ -140,11 +140,17 @@ def add_rms_norm_linear(
     weight: Tensor,
     residual_in_fp32: bool = True,
     out_dtype: torch.dtype | None = None,
+    block_o: int = 16,
+    num_warps: int = 4,
 ) -> tuple[Tensor, Tensor]:
     """(hidden + residual) -> (RMSNorm(it) @ weight^T, it): a block's add + norm and in_proj in one
     kernel. hidden (b,d), residual (b,d) or None, norm_weight (d,), weight (o,d). Returns (out (b,o)
     in ``out_dtype`` (default hidden's), the new residual (b,d), fp32 with ``residual_in_fp32``).
-    The normed row is rounded to ``out_dtype`` before the product, as the unfused norm's output is."""
+    The normed row is rounded to ``out_dtype`` before the product, as the unfused norm's output is.
+
+    ``block_o`` output rows per program: the product is a matrix-vector one, bound by reading W,
+    so it needs programs on every SM (64 rows a program, 48 programs at o=3072, took 16 us a layer
+    on an H200 at b=1 against cuBLAS's 5.6 us; ``benchmarks/bench_step_kernels.py`` sweeps it)."""
     if triton is None:
         raise RuntimeError("the fused decode step needs triton")
     b, d = hidden.shape
@@ -165,13 +171,12 @@ def add_rms_norm_linear(
         device=hidden.device,
     )  # fmt: skip
     rr = residual if residual is not None else hidden
-    block_o = 64
     _add_norm_linear_kernel[(b, triton.cdiv(o, block_o))](
         hidden, rr, norm_weight, weight, out, res_out,
         d, o, eps,
         *hidden.stride(), *rr.stride(), *weight.stride(), *out.stride(), *res_out.stride(),
         BLOCK_D=min(256, triton.next_power_of_2(d)), BLOCK_O=block_o, HAS_RES=residual is not None,
-        NORM_DTYPE=getattr(tl, _TL_DTYPES[out_dtype]), num_warps=4,
+        NORM_DTYPE=getattr(tl, _TL_DTYPES[out_dtype]), num_warps=num_warps,
     )  # fmt: skip
     return out, res_out
 
@@ -205,11 +210,14 @@ def selective_state_update_dtproj_(
     C: Tensor,
     D: Tensor | None = None,
     z: Tensor | None = None,
+    block_e: int = 16,
+    num_warps: int = 2,
 ) -> Tensor:
     """One step with dt = softplus(dt_low @ dt_weight^T + dt_bias); ``state`` (b,e,n) updated in place.
 
     Args: x, z (b,e); dt_low (b,r); dt_weight (e,r); dt_bias, D (e,); A (e,n); B, C (b,n); any
-    strides (views of x_proj's and in_proj's outputs). Returns y (b,e) in x's dtype.
+    strides (views of x_proj's and in_proj's outputs). Returns y (b,e) in x's dtype. ``block_e``
+    channels per program (64 gave 24 programs at b=1, e=1536: 2.9 us a layer on an H200).
     """
     if triton is None:
         raise RuntimeError("the fused decode step needs triton")
@@ -223,7 +231,7 @@ def selective_state_update_dtproj_(
             f"dt_weight {tuple(dt_weight.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)}"
         )
     out = torch.empty_like(x)
-    block_e = min(64, triton.next_power_of_2(e))
+    block_e = min(block_e, triton.next_power_of_2(e))
     dummy = x  # never read when the flag is off
     zz = z if z is not None else dummy
     _step_kernel[(b, triton.cdiv(e, block_e))](
@@ -234,7 +242,7 @@ def selective_state_update_dtproj_(
         *B.stride(), *C.stride(), *zz.stride(), *out.stride(),
         N=n, R_PAD=max(16, triton.next_power_of_2(r)), BLOCK_E=block_e,
         HAS_BIAS=dt_bias is not None, HAS_D=D is not None, HAS_Z=z is not None,
-        num_warps=4,
+        num_warps=num_warps,
     )  # fmt: skip
     return out
 
