@@ -140,8 +140,8 @@ def add_rms_norm_linear(
     weight: Tensor,
     residual_in_fp32: bool = True,
     out_dtype: torch.dtype | None = None,
-    block_o: int = 16,
-    num_warps: int = 4,
+    block_o: int = 8,
+    num_warps: int = 8,
 ) -> tuple[Tensor, Tensor]:
     """(hidden + residual) -> (RMSNorm(it) @ weight^T, it): a block's add + norm and in_proj in one
     kernel. hidden (b,d), residual (b,d) or None, norm_weight (d,), weight (o,d). Returns (out (b,o)
@@ -150,7 +150,8 @@ def add_rms_norm_linear(
 
     ``block_o`` output rows per program: the product is a matrix-vector one, bound by reading W,
     so it needs programs on every SM (64 rows a program, 48 programs at o=3072, took 16 us a layer
-    on an H200 at b=1 against cuBLAS's 5.6 us; ``benchmarks/bench_step_kernels.py`` sweeps it)."""
+    on an H200 at b=1 against cuBLAS's 5.6 us; ``benchmarks/bench_step_kernels.py`` sweeps it: 8 rows
+    and 8 warps, 3.9 us, were the best at b=1)."""
     if triton is None:
         raise RuntimeError("the fused decode step needs triton")
     b, d = hidden.shape
@@ -210,14 +211,17 @@ def selective_state_update_dtproj_(
     C: Tensor,
     D: Tensor | None = None,
     z: Tensor | None = None,
-    block_e: int = 16,
-    num_warps: int = 2,
+    block_e: int = 32,
+    num_warps: int | None = None,
 ) -> Tensor:
     """One step with dt = softplus(dt_low @ dt_weight^T + dt_bias); ``state`` (b,e,n) updated in place.
 
     Args: x, z (b,e); dt_low (b,r); dt_weight (e,r); dt_bias, D (e,); A (e,n); B, C (b,n); any
     strides (views of x_proj's and in_proj's outputs). Returns y (b,e) in x's dtype. ``block_e``
-    channels per program (64 gave 24 programs at b=1, e=1536: 2.9 us a layer on an H200).
+    channels per program (64 gave 24 programs at b=1, e=1536: 2.9 us a layer on an H200);
+    ``num_warps`` None = 4 up to b=8, 1 above (the sweep of ``benchmarks/bench_step_kernels.py``:
+    2.0 / 2.3 / 5.0 us at b=1 / 8 / 64 against 3.9 / 4.2 / 7.4 for cuBLAS's dt_proj + mamba_ssm's
+    update).
     """
     if triton is None:
         raise RuntimeError("the fused decode step needs triton")
@@ -242,7 +246,7 @@ def selective_state_update_dtproj_(
         *B.stride(), *C.stride(), *zz.stride(), *out.stride(),
         N=n, R_PAD=max(16, triton.next_power_of_2(r)), BLOCK_E=block_e,
         HAS_BIAS=dt_bias is not None, HAS_D=D is not None, HAS_Z=z is not None,
-        num_warps=num_warps,
+        num_warps=num_warps or (4 if b <= 8 else 1),
     )  # fmt: skip
     return out
 
