@@ -73,6 +73,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_vlm import Probe, cpu_name, model_bytes, peer_self_check  # noqa: E402
 from peer_transformer import PeerTransformerVLM, build_peer, match_peer_config  # noqa: E402
+from records import latest_records  # noqa: E402
 
 from vlm_mamba import create_model, get_config  # noqa: E402
 from vlm_mamba.config import LanguageConfig  # noqa: E402
@@ -1714,19 +1715,27 @@ class LlamaDecoder(Decoder):
 
 # ----------------------------------------------------------------------------------- summary
 def _get(records: list[dict], **kw) -> dict | None:
-    for r in records:
-        if all(r.get(k) == v for k, v in kw.items()) and "skipped" not in r and "error" not in r:
-            return r
-    return None
+    """The measured record matching ``kw``; in a merged file, the one of the latest run."""
+    found = [
+        r
+        for r in records
+        if all(r.get(k) == v for k, v in kw.items()) and "skipped" not in r and "error" not in r
+    ]
+    return max(found, key=lambda r: r.get("run", 0)) if found else None
 
 
 def _best(records: list[dict], **kw) -> dict | None:
+    """The fastest variant matching ``kw``, among the latest run's records that have any."""
     rs = [r for r in records if all(r.get(k) == v for k, v in kw.items()) and "tokens_per_s" in r]
+    last = max((r.get("run", 0) for r in rs), default=0)
+    rs = [r for r in rs if r.get("run", 0) == last]
     return max(rs, key=lambda r: r["tokens_per_s"]) if rs else None
 
 
 def summarize(records: list[dict]) -> dict:
-    """The headline rows: ratios ours / reference, the crossover and the scaling exponents."""
+    """The headline rows: ratios ours / reference, the crossover and the scaling exponents (of the
+    latest run's record of each measurement, in a merged file)."""
+    records = latest_records(records)
     rows: list[dict] = []
 
     def add(topic, case, ours, ref, metric, ref_name, higher_better=True, extra=None):

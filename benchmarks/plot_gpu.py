@@ -18,6 +18,7 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from records import latest_records  # noqa: E402  (this folder: run as a script)
 
 COLORS = {"ours": "#1f77b4", "stock": "#ff7f0e", "peer": "#2ca02c", "llama": "#d62728"}
 
@@ -26,8 +27,11 @@ def ok(r: dict) -> bool:
     return "skipped" not in r and "error" not in r
 
 
-def rows(data: dict, **kw) -> list[dict]:
-    return [r for r in data["records"] if ok(r) and all(r.get(k) == v for k, v in kw.items())]
+def rows(data: dict, latest: bool = True, **kw) -> list[dict]:
+    """Measured records matching ``kw``; ``latest``: one per measurement, the latest run's (a merged
+    file holds older runs of the same case)."""
+    recs = latest_records(data["records"]) if latest else data["records"]
+    return [r for r in recs if ok(r) and all(r.get(k) == v for k, v in kw.items())]
 
 
 def commit_of(data: dict, r: dict) -> str:
@@ -133,7 +137,7 @@ def plot_lengths(data: dict, out: Path) -> Path | None:
 
 
 def plot_decode(data: dict, out: Path) -> Path | None:
-    recs = [r for r in rows(data, section="decode") if r.get("itl_ms")]
+    recs = [r for r in rows(data, latest=False, section="decode") if r.get("itl_ms")]
     if not recs:
         return None
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(9.5, 3.4))
