@@ -83,6 +83,27 @@ def test_cache_is_reused_across_calls_and_follows_new_weights():
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("ssm", ["mamba1", "mamba2"])
+def test_cache_made_under_inference_mode_serves_later_no_grad_calls(ssm):
+    """Lightning validates under torch.inference_mode: the reused cache must not be made of
+    inference tensors, which a later no_grad call could not update in place (it raised)."""
+    lm = _lm(ssm)
+    ids, mask = _prompts()
+    kw = dict(max_new_tokens=5, eos_token_id=None, num_beams=2)
+    ref, ref_logits = _run(lm, ids, mask, "functional", **kw)
+    with torch.inference_mode():
+        first = lm.generate(ids, attention_mask=mask, decoder="inplace", **kw)
+    caches = list(decoding._CACHES[lm].values())  # the beams' (b x 2 rows)
+    assert caches
+    assert not any(t.is_inference() for c in caches for s in c.state for t in (s.conv, s.ssm, *c.A))
+    out, logits = _run(lm, ids, mask, "inplace", **kw)  # no_grad, the same cache
+    with torch.inference_mode():
+        again = lm.generate(ids, attention_mask=mask, decoder="inplace", **kw)
+    assert torch.equal(first, ref) and torch.equal(out, ref) and torch.equal(again, ref)
+    for a, b in zip(logits, ref_logits):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+
+
 def test_beam_reorder_is_a_gather_into_the_same_buffers():
     lm = _lm("mamba2")
     with torch.no_grad():

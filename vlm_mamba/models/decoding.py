@@ -51,8 +51,12 @@ class DecodeCache:
 
     def __init__(self, lm: Any, state: InferenceState) -> None:
         self.lm = lm
-        self.state = InferenceState([MixerState(s.conv.clone(), s.ssm.clone()) for s in state])
-        self.A = [layer.mixer.decode_A() for layer in lm.layers]
+        # normal tensors even when made under torch.inference_mode (Lightning's validation): the
+        # cache is reused by later calls, and an inference tensor cannot be updated in place
+        # outside inference mode
+        with torch.inference_mode(False), torch.no_grad():
+            self.state = InferenceState([MixerState(s.conv.clone(), s.ssm.clone()) for s in state])
+            self.A = [layer.mixer.decode_A() for layer in lm.layers]
         self.graph: GraphedStep | None = None
         self.graph_failed = False
 
@@ -68,7 +72,7 @@ class DecodeCache:
             mine.conv.copy_(theirs.conv)
             mine.ssm.copy_(theirs.ssm)
         for a, layer in zip(self.A, self.lm.layers):
-            _root(a).copy_(_root(layer.mixer.decode_A()))
+            _distinct(a).copy_(_distinct(layer.mixer.decode_A()))
         return self
 
     def matches(self, state: InferenceState) -> bool:
@@ -122,7 +126,8 @@ class GraphedStep:
             raise RuntimeError(f"CUDA graphs need CUDA tensors, the decoding state is on {dev}")
         if sharded(lm):  # FSDP gathers the weights into new storage for each call
             raise RuntimeError("the model's parameters are sharded (FSDP)")
-        tokens = torch.zeros(cache.batch_size, dtype=torch.long, device=dev)
+        with torch.inference_mode(False):
+            tokens = torch.zeros(cache.batch_size, dtype=torch.long, device=dev)
         saved = cache.snapshot()
         self.call = CapturedCall(lambda t: [lm.step_(t, cache)], [tokens], pool=None)
         cache.load_(saved)
@@ -131,9 +136,11 @@ class GraphedStep:
         return self.call.replay([tokens])[0]
 
 
-def _root(t: Tensor) -> Tensor:
-    """The tensor a view was taken from (Mamba-2's A is a broadcast view of its (h,) values)."""
-    return t._base if t._base is not None else t
+def _distinct(t: Tensor) -> Tensor:
+    """``t`` without its broadcast dimensions (stride 0: Mamba-2's A is its (h,) values expanded to
+    (h,p,n)), a view of the same memory that can be written. Not ``t._base``: a view made under
+    torch.inference_mode records no base."""
+    return t[tuple(0 if st == 0 and n > 1 else slice(None) for st, n in zip(t.stride(), t.shape))]
 
 
 # One cache (and so one captured graph) per model and batch shape, reused by later generate calls,

@@ -64,16 +64,20 @@ class CapturedCall:
 
     def __init__(self, fn: Callable[..., Sequence[Tensor]], inputs: Sequence[Tensor], pool: Any) -> None:
         dev = inputs[0].device
-        self.inputs = [t.detach().clone() for t in inputs]  # static buffers, outside the graph's pool
-        side = torch.cuda.Stream(device=dev)
-        side.wait_stream(torch.cuda.current_stream(dev))
-        with torch.cuda.stream(side), torch.no_grad(), uncached_autocast():
-            for _ in range(2):
-                fn(*self.inputs)
-        torch.cuda.current_stream(dev).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool), torch.no_grad(), uncached_autocast():
-            self.outputs = list(fn(*self.inputs))
+        # normal tensors even when captured under torch.inference_mode (Lightning's validation):
+        # an inference tensor cannot be written in place outside inference mode, so a graph
+        # captured there could not be replayed from a plain no_grad call later
+        with torch.inference_mode(False), torch.no_grad():
+            self.inputs = [t.detach().clone() for t in inputs]  # static buffers, outside the graph's pool
+            side = torch.cuda.Stream(device=dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side), uncached_autocast():
+                for _ in range(2):
+                    fn(*self.inputs)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool), uncached_autocast():
+                self.outputs = list(fn(*self.inputs))
 
     def replay(self, inputs: Sequence[Tensor]) -> list[Tensor]:
         """The graph's own output buffers: valid until the next replay."""
