@@ -80,7 +80,11 @@ from vlm_mamba.config import LanguageConfig  # noqa: E402
 from vlm_mamba.generation import GenerationConfig, decode  # noqa: E402
 from vlm_mamba.layers.patch_embed import interpolate_pos_embed  # noqa: E402
 from vlm_mamba.models.language import LanguageMamba  # noqa: E402
-from vlm_mamba.ops import cuda_unavailable_reason, kernel_family  # noqa: E402
+from vlm_mamba.ops import (  # noqa: E402
+    STATE_SCAN_ENV,  # noqa: E402
+    cuda_unavailable_reason,
+    kernel_family,
+)
 
 T_START = time.perf_counter()  # --time-budget counts from here: imports and set-up are in it
 GiB = 2**30
@@ -313,6 +317,23 @@ class StepBreakdown:
             f, b = out.get(f"{n}_forward_ms"), out.get(f"{n}_backward_ms")
             out[f"{n}_ms"] = None if f is None or b is None else f + b
         return out
+
+
+@contextlib.contextmanager
+def _env(name: str, value: str | None):
+    """Environment variable ``name`` set to ``value`` (None: unset) inside the block."""
+    old = os.environ.get(name)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
 
 
 def top_kernels(fn: Callable[[], Any], device: torch.device, k: int = 12) -> dict:
@@ -1251,15 +1272,20 @@ class Suite:
                 state = ours.prefill_images(images)
             for t in P.prefill_state_lengths:
                 ids = torch.randint(1, V, (b, t), device=self.device)
-                for variant in ("from_image_state", "from_zero_state"):
+                for variant in ("from_image_state", "from_image_state_one_pass", "from_zero_state"):
                     rec = {"section": "prefill_state", "case": f"b={b} t={t}", "model": "ours", "variant": variant,
                            "batch": b, "length": t, "weights": wdesc,
                            "what": "LanguageMamba(inputs_embeds=prompt, state=image state or None, return_state=True, "
                            "logits='last'); the image's own prefill is not timed"}  # fmt: skip
 
-                    def run(ids=ids, st=state if variant == "from_image_state" else None):
-                        with torch.no_grad(), ctx():
-                            return lm(inputs_embeds=lm.embed(ids), state=st, return_state=True, logits="last")
+                    def run(ids=ids, st=None if variant == "from_zero_state" else state, variant=variant):
+                        # one_pass: the Triton scan from h0 (VLM_MAMBA_STATE_SCAN=triton), else the
+                        # zero-state kernel + the h0 term
+                        with _env(STATE_SCAN_ENV, "triton" if variant.endswith("one_pass") else None):
+                            with torch.no_grad(), ctx():
+                                return lm(
+                                    inputs_embeds=lm.embed(ids), state=st, return_state=True, logits="last"
+                                )
 
                     def measure(run=run, b=b, t=t):
                         r = self.timed(run, model_bytes(lm))
@@ -1802,16 +1828,14 @@ def summarize(records: list[dict]) -> dict:
                            "ours_state_bytes": r["state_bytes"], "ref_state_bytes": (ref or {}).get("state_bytes"),
                            "ours_hbm_fraction": r.get("hbm_fraction"), "ref_hbm_fraction": (ref or {}).get("hbm_fraction")})  # fmt: skip
     for r in records:
-        if r["section"] == "prefill_state" and r["variant"] == "from_image_state":
+        if r["section"] == "prefill_state" and r["variant"] in (
+            "from_image_state",
+            "from_image_state_one_pass",
+        ):
             ref = _get(records, section="prefill_state", case=r["case"], variant="from_zero_state")
-            add(
-                "prompt prefill: from the image state vs from zero",
-                r["case"],
-                r,
-                ref,
-                "tokens_per_s",
-                "zero state",
-            )
+            one = ", one-pass Triton scan" if r["variant"].endswith("one_pass") else ""
+            add(f"prompt prefill: from the image state vs from zero{one}", r["case"], r, ref, "tokens_per_s",
+                "zero state")  # fmt: skip
         if r["section"] == "prefill_vlm" and r["model"] == "ours":
             ref = _get(records, section="prefill_vlm", case=r["case"], model="peer")
             graphed = str(r.get("variant", "")).startswith("prefill_graph")

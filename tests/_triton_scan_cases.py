@@ -58,6 +58,73 @@ ref = T.add_initial_state_ref(**c, delta_softplus=True, z=z.bfloat16())
 ye, ys = err(y, ref)
 out["bf16"] = {"dtype": str(y.dtype), "y_err": ye, "y_scale": ys}
 
+# the one-pass scan from a state against the sequential reference scan (pads, gate, D, bf16)
+from vlm_mamba.ops.reference import selective_scan_ref  # noqa: E402
+
+g = torch.Generator().manual_seed(3)
+u, dl, zg = (torch.randn(2, 10, 70, generator=g) for _ in range(3))
+dl[0, :, 50:] = -1e4  # trailing pads: identity steps
+A, bias = -torch.rand(10, 8, generator=g) * 2, torch.randn(10, generator=g) * 0.5
+Bm, Cm, D, h0 = (
+    torch.randn(2, 8, 70, generator=g),
+    torch.randn(2, 8, 70, generator=g),
+    torch.randn(10),
+    torch.randn(2, 10, 8),
+)
+for gate, with_d in ((True, True), (False, False)):
+    y, last = T.selective_scan_from_state(
+        u, dl, A, Bm, Cm, D if with_d else None, zg if gate else None, bias, True, h0, block_e=4, block_l=32
+    )
+    ry, rl = selective_scan_ref(
+        u,
+        dl,
+        A,
+        Bm,
+        Cm,
+        D if with_d else None,
+        zg if gate else None,
+        bias,
+        True,
+        initial_state=h0,
+        return_last_state=True,
+    )
+    (ye, ys), (le, ls) = err(y, ry), err(last, rl)
+    out[f"one pass gate={gate} D={with_d}"] = {"y_err": ye, "y_scale": ys, "last_err": le, "last_scale": ls}
+y, last = T.selective_scan_from_state(
+    u.bfloat16(),
+    dl.bfloat16(),
+    A,
+    Bm.bfloat16(),
+    Cm.bfloat16(),
+    D,
+    zg.bfloat16(),
+    bias,
+    True,
+    h0,
+    block_e=4,
+    block_l=16,
+)
+ry, rl = selective_scan_ref(
+    u.bfloat16(),
+    dl.bfloat16(),
+    A,
+    Bm.bfloat16(),
+    Cm.bfloat16(),
+    D,
+    zg.bfloat16(),
+    bias,
+    True,
+    initial_state=h0,
+    return_last_state=True,
+)
+out["one pass bf16"] = {
+    "dtype": str(y.dtype),
+    "y_err": err(y, ry)[0],
+    "y_scale": err(y, ry)[1],
+    "last_err": err(last, rl)[0],
+    "last_scale": err(last, rl)[1],
+}
+
 errors = {}
 c, _ = case()
 for name, bad in (

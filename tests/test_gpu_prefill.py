@@ -47,6 +47,20 @@ def test_scan_from_a_state_equals_the_reference_scan(dtype, pads):
     close(last, rlast, 1e-4, 1e-4, what=f"last state {dtype} pads={pads}")
 
 
+@pytest.mark.parametrize("pads", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_pass_scan_from_a_state_equals_the_reference_scan(dtype, pads, monkeypatch):
+    """VLM_MAMBA_STATE_SCAN=triton: ops.selective_scan from a state in one Triton pass."""
+    monkeypatch.setenv(ops.STATE_SCAN_ENV, "triton")
+    t = _scan_inputs(dtype, pads=pads)
+    with torch.no_grad():
+        y, last = ops.selective_scan(**t, delta_softplus=True, return_last_state=True, kernel=FAST)
+        ry, rlast = selective_scan_ref(**t, delta_softplus=True, return_last_state=True)
+    tol = (1e-4, 1e-4) if dtype == torch.float32 else (2e-2, 5e-2)
+    close(y, ry, *tol, what=f"one-pass y {dtype} pads={pads}")
+    close(last, rlast, 1e-4, 1e-4, what=f"one-pass last state {dtype} pads={pads}")
+
+
 def test_scan_from_a_state_with_gradients_keeps_the_differentiable_path():
     t = _scan_inputs(torch.float32, length=64)
     t["initial_state"].requires_grad_()

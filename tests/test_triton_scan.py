@@ -36,6 +36,21 @@ def test_bf16_inputs_fp32_accumulation(results):
     assert out["dtype"] == "torch.bfloat16" and out["y_err"] <= 1e-2 * max(1.0, out["y_scale"]), out
 
 
+@pytest.mark.parametrize("case", ["gate=True D=True", "gate=False D=False"])
+def test_one_pass_scan_from_a_state_equals_the_reference_scan(results, case):
+    """selective_scan_from_state (the state in registers, an associative scan per time block)
+    against the sequential reference, pads included, per element; the last state too."""
+    out = results[f"one pass {case}"]
+    assert out["y_err"] <= 2e-6 * max(1.0, out["y_scale"]), out
+    assert out["last_err"] <= 2e-6 * max(1.0, out["last_scale"]), out
+
+
+def test_one_pass_scan_in_bf16_keeps_fp32_state(results):
+    out = results["one pass bf16"]
+    assert out["dtype"] == "torch.bfloat16" and out["y_err"] <= 1e-2 * max(1.0, out["y_scale"]), out
+    assert out["last_err"] <= 1e-4 * max(1.0, out["last_scale"]), out
+
+
 def test_rejects_what_it_cannot_do(results):
     assert "power of two" in results["errors"]["n=6"]
     assert "(b, n, l)" in results["errors"]["grouped C"]

@@ -19,12 +19,13 @@ Shapes: ``b`` batch, ``l`` length, ``e`` channels, ``n`` state size, ``k`` conv 
 from __future__ import annotations
 
 import functools
+import os
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
-from vlm_mamba.ops import triton_scan
+from vlm_mamba.ops import STATE_SCAN_ENV, triton_scan
 from vlm_mamba.ops.reference import _dt, _groups_to_channels
 
 
@@ -96,6 +97,15 @@ def selective_scan(
     K = load()
     if initial_state is None:
         return K.selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    if (
+        os.environ.get(STATE_SCAN_ENV) == "triton"
+        and B.dim() == 3
+        and _initial_state_kernel_ok(A, C, u, delta, B, D, z, delta_bias, initial_state)
+    ):  # the one-pass Triton scan from h0 (opt-in, see triton_scan.selective_scan_from_state)
+        y, last = triton_scan.selective_scan_from_state(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
+        )
+        return (y, last) if return_last_state else y
     out = K.selective_scan_fn(u, delta, A, B, C, D, None, delta_bias, delta_softplus, return_last_state)
     y, last = out if return_last_state else (out, None)
     if _initial_state_kernel_ok(A, C, u, delta, B, D, z, delta_bias, initial_state):

@@ -104,6 +104,120 @@ if triton is not None:
                  mask=ok)  # fmt: skip
 
 
+if triton is not None:
+
+    @triton.jit
+    def _combine(a1, b1, a2, b2):
+        """(decay, input) pairs of h -> a h + b, composed in time order."""
+        return a1 * a2, b1 * a2 + b2
+
+    @triton.jit
+    def _scan_from_state_kernel(
+        u_ptr, delta_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, h0_ptr, out_ptr, last_ptr,
+        E, L,
+        s_u_b, s_u_e, s_u_l,
+        s_d_b, s_d_e, s_d_l,
+        s_A_e, s_A_n,
+        s_B_b, s_B_n, s_B_l,
+        s_C_b, s_C_n, s_C_l,
+        s_z_b, s_z_e, s_z_l,
+        s_h_b, s_h_e, s_h_n,
+        s_o_b, s_o_e, s_o_l,
+        s_last_b, s_last_e, s_last_n,
+        N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_L: tl.constexpr,
+        HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+    ):  # fmt: skip
+        """One program per (row, channel block): the state (BE, N) in registers, walked over time
+        blocks; inside a block the recurrence is an associative scan over the block's steps."""
+        pid_b, pid_e = tl.program_id(0), tl.program_id(1)
+        e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)  # (BE,)
+        e_ok = e < E
+        n = tl.arange(0, N)
+        A = tl.load(A_ptr + e[:, None] * s_A_e + n[None, :] * s_A_n, mask=e_ok[:, None], other=0.0).to(
+            tl.float32
+        )
+        h = tl.load(h0_ptr + pid_b * s_h_b + e[:, None] * s_h_e + n[None, :] * s_h_n, mask=e_ok[:, None],
+                    other=0.0).to(tl.float32)  # (BE, N)  # fmt: skip
+        if HAS_D:
+            Dv = tl.load(D_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
+        for l0 in range(0, L, BLOCK_L):
+            t = l0 + tl.arange(0, BLOCK_L)  # (BL,)
+            t_ok = t < L
+            ok = e_ok[:, None] & t_ok[None, :]
+            dt = _dt(
+                delta_ptr, bias_ptr, pid_b, e, t, e_ok, L, s_d_b, s_d_e, s_d_l, HAS_BIAS, SOFTPLUS
+            )  # (BE, BL)
+            x = tl.load(
+                u_ptr + pid_b * s_u_b + e[:, None] * s_u_e + t[None, :] * s_u_l, mask=ok, other=0.0
+            ).to(tl.float32)
+            Bt = tl.load(B_ptr + pid_b * s_B_b + n[:, None] * s_B_n + t[None, :] * s_B_l, mask=t_ok[None, :],
+                         other=0.0).to(tl.float32)  # (N, BL)  # fmt: skip
+            Ct = tl.load(C_ptr + pid_b * s_C_b + n[:, None] * s_C_n + t[None, :] * s_C_l, mask=t_ok[None, :],
+                         other=0.0).to(tl.float32)  # fmt: skip
+            decay = tl.exp(A[:, :, None] * dt[:, None, :])  # (BE, N, BL); 1 outside the tensor (dt = 0)
+            inp = Bt[None, :, :] * (dt * x)[:, None, :]  # (BE, N, BL)
+            a, bb = tl.associative_scan((decay, inp), axis=2, combine_fn=_combine)
+            hs = a * h[:, :, None] + bb  # (BE, N, BL): the state after each step
+            y = tl.sum(hs * Ct[None, :, :], axis=1)  # (BE, BL)
+            if HAS_D:
+                y = y + x * Dv[:, None]
+            if HAS_Z:
+                zz = tl.load(
+                    z_ptr + pid_b * s_z_b + e[:, None] * s_z_e + t[None, :] * s_z_l, mask=ok, other=0.0
+                ).to(tl.float32)
+                y = y * (zz / (1.0 + tl.exp(-zz)))
+            tl.store(out_ptr + pid_b * s_o_b + e[:, None] * s_o_e + t[None, :] * s_o_l,
+                     y.to(out_ptr.dtype.element_ty), mask=ok)  # fmt: skip
+            # the state after the block's last step (steps past L are identities: dt = 0)
+            h = tl.sum(tl.where((tl.arange(0, BLOCK_L) == BLOCK_L - 1)[None, None, :], hs, 0.0), axis=2)
+        tl.store(last_ptr + pid_b * s_last_b + e[:, None] * s_last_e + n[None, :] * s_last_n, h,
+                 mask=e_ok[:, None])  # fmt: skip
+
+
+def selective_scan_from_state(
+    u: Tensor,
+    delta: Tensor,
+    A: Tensor,
+    B: Tensor,
+    C: Tensor,
+    D: Tensor | None,
+    z: Tensor | None,
+    delta_bias: Tensor | None,
+    delta_softplus: bool,
+    h0: Tensor,
+    block_e: int = 4,
+    block_l: int = 64,
+) -> tuple[Tensor, Tensor]:
+    """The selective scan started from ``h0`` in one Triton pass (forward only): the alternative to
+    ``selective_scan_fn`` from zero + :func:`add_initial_state`, which computes every decay twice
+    (the zero-state scan's exponentials, then the h0 term's). Same arguments as
+    ``vlm_mamba.ops.selective_scan`` with (b,n,l) B and C; returns (y (b,e,l) in u's dtype,
+    last state (b,e,n) fp32). ``VLM_MAMBA_STATE_SCAN=triton`` routes ``ops.cuda.selective_scan``
+    calls with an initial state here (opt-in: not yet measured against the two-pass form on a GPU).
+    """
+    if triton is None:
+        raise RuntimeError("triton is not installed")
+    b, E, L = u.shape
+    N = A.shape[1]
+    if B.dim() != 3 or C.dim() != 3:
+        raise ValueError(f"B and C must be (b, n, l) for this kernel, got {tuple(B.shape)}, {tuple(C.shape)}")
+    if N & (N - 1):
+        raise ValueError(f"d_state={N} is not a power of two")
+    out = torch.empty_like(u)
+    last = torch.empty(b, E, N, device=u.device, dtype=torch.float32)
+    dummy = u  # never read when its flag is off
+    zz = z if z is not None else dummy
+    _scan_from_state_kernel[(b, triton.cdiv(E, block_e))](
+        u, delta, delta_bias if delta_bias is not None else A, A, B, C, D if D is not None else A, zz, h0, out,
+        last, E, L,
+        *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *zz.stride(), *h0.stride(),
+        *out.stride(), *last.stride(),
+        N=N, BLOCK_E=block_e, BLOCK_L=block_l, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
+        HAS_D=D is not None, HAS_Z=z is not None,
+    )  # fmt: skip
+    return out, last
+
+
 def add_initial_state(
     y0: Tensor,
     delta: Tensor,
