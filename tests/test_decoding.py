@@ -104,6 +104,25 @@ def test_cache_made_under_inference_mode_serves_later_no_grad_calls(ssm):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
+def test_the_fused_step_switch_keys_its_own_cache(monkeypatch):
+    """A graph captured with one set of kernels must not be replayed after ops.set_fused_step
+    changes: the switch is part of the cache key, so each setting gets its own cache."""
+    from vlm_mamba import ops
+
+    lm = _lm("mamba1")
+    ids, mask = _prompts()
+    kw = dict(max_new_tokens=4, eos_token_id=None)
+    monkeypatch.setattr(ops, "_fused_step", None)
+    ref, _ = _run(lm, ids, mask, "inplace", **kw)
+    ops.set_fused_step(True)  # no effect on the CPU's kernels, but a new key
+    on, _ = _run(lm, ids, mask, "inplace", **kw)
+    ops.set_fused_step(None)
+    again, _ = _run(lm, ids, mask, "inplace", **kw)
+    keys = list(decoding._CACHES[lm])
+    assert len(keys) == 2 and {k[0] for k in keys} == {False, True}
+    assert torch.equal(ref, on) and torch.equal(ref, again)
+
+
 def test_beam_reorder_is_a_gather_into_the_same_buffers():
     lm = _lm("mamba2")
     with torch.no_grad():
