@@ -11,6 +11,7 @@ from tests.gpu_util import DEV, FAST, close, kernels_missing
 from vlm_mamba import create_model, ops
 from vlm_mamba.layers.mamba1 import PAD_DELTA
 from vlm_mamba.ops import cuda as ops_cuda
+from vlm_mamba.ops import triton_scan
 from vlm_mamba.ops.reference import selective_scan_ref
 
 pytestmark = [
@@ -51,7 +52,7 @@ def test_scan_from_a_state_equals_the_reference_scan(dtype, pads):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_one_pass_scan_from_a_state_equals_the_reference_scan(dtype, pads, monkeypatch):
     """VLM_MAMBA_STATE_SCAN=triton: ops.selective_scan from a state in one Triton pass."""
-    monkeypatch.setenv(ops.STATE_SCAN_ENV, "triton")
+    monkeypatch.setenv(triton_scan.STATE_SCAN_ENV, "triton")
     t = _scan_inputs(dtype, pads=pads)
     with torch.no_grad():
         y, last = ops.selective_scan(**t, delta_softplus=True, return_last_state=True, kernel=FAST)

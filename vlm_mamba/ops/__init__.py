@@ -302,9 +302,6 @@ def causal_conv1d_update_(
     return y
 
 
-# "triton": a prefill from a state (the image-state cache) runs ops.triton_scan's one-pass scan from
-# h0 instead of mamba_ssm's scan from zero + the h0 term (opt-in until measured); read at every call
-STATE_SCAN_ENV = "VLM_MAMBA_STATE_SCAN"
 FUSED_STEP_ENV = "VLM_MAMBA_FUSED_STEP"
 _fused_step: bool | None = None
 

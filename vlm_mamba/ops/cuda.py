@@ -25,7 +25,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from vlm_mamba.ops import STATE_SCAN_ENV, triton_scan
+from vlm_mamba.ops import triton_scan
 from vlm_mamba.ops.reference import _dt, _groups_to_channels
 
 
@@ -98,7 +98,7 @@ def selective_scan(
     if initial_state is None:
         return K.selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if (
-        os.environ.get(STATE_SCAN_ENV) == "triton"
+        os.environ.get(triton_scan.STATE_SCAN_ENV) == "triton"
         and B.dim() == 3
         and _initial_state_kernel_ok(A, C, u, delta, B, D, z, delta_bias, initial_state)
     ):  # the one-pass Triton scan from h0 (opt-in, see triton_scan.selective_scan_from_state)

@@ -30,6 +30,11 @@ from torch import Tensor
 
 from vlm_mamba.ops._triton import available, tl, triton  # noqa: F401  (available: this module's API)
 
+# "triton": ``vlm_mamba.ops.cuda.selective_scan`` runs a prefill from a state (the image-state
+# cache) through :func:`selective_scan_from_state` (one pass) instead of mamba_ssm's scan from zero
+# + :func:`add_initial_state` (opt-in until measured on a GPU); read at every call
+STATE_SCAN_ENV = "VLM_MAMBA_STATE_SCAN"
+
 if triton is not None:
 
     @triton.jit
