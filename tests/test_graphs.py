@@ -79,6 +79,38 @@ def test_generate_with_prefill_graph_on_the_cpu_is_the_eager_path(caplog, monkey
     assert graphs.graph_cache(model).captures == 0
 
 
+def test_a_signature_is_captured_the_second_time_it_is_seen(monkeypatch):
+    """Shapes seen once run eagerly (None), so a stream of new shapes never captures; the second
+    sighting captures and later ones replay."""
+    made = []
+
+    class FakeCall:
+        def __init__(self, fn, inputs, pool):
+            made.append(tuple(t.shape for t in inputs))
+            self.fn = fn
+
+        def __call__(self, inputs):
+            return [o.clone() for o in self.fn(*inputs)]
+
+    monkeypatch.setattr(graphs, "CapturedCall", FakeCall)
+    monkeypatch.setattr(graphs.torch.cuda, "graph_pool_handle", lambda: object())
+    model = torch.nn.Linear(4, 4)
+    cache = graphs.GraphCache(model, max_graphs=2)
+
+    def fn(x):
+        return [model(x)]
+
+    for b in range(1, 40):  # always a new shape: never captured
+        assert cache.run("f", fn, [torch.randn(b, 4)]) is None
+    assert cache.captures == 0 and len(cache.seen) <= 32
+    x = torch.randn(1, 4)
+    assert cache.run("f", fn, [x]) is None  # (1, 4) was evicted from the sightings: first again
+    out = cache.run("f", fn, [x])  # second: captured
+    torch.testing.assert_close(out[0], model(x))
+    cache.run("f", fn, [x])
+    assert cache.captures == 1 and made == [(torch.Size([1, 4]),)]
+
+
 def test_graph_cache_keys_lru_and_a_refused_capture(monkeypatch, caplog):
     """One capture per (name, shapes, dtypes, autocast, weights' storage); the oldest dropped beyond
     max_graphs; a capture that raises is logged once and the name then runs eagerly (None)."""
@@ -97,7 +129,7 @@ def test_graph_cache_keys_lru_and_a_refused_capture(monkeypatch, caplog):
     monkeypatch.setattr(graphs, "CapturedCall", FakeCall)
     monkeypatch.setattr(graphs.torch.cuda, "graph_pool_handle", lambda: object())
     model = torch.nn.Linear(4, 4)
-    cache = graphs.GraphCache(model, max_graphs=2)
+    cache = graphs.GraphCache(model, max_graphs=2, capture_after=1)
 
     def fn(x):
         return [model(x)]

@@ -6,7 +6,8 @@ mostly the per-call Python of mamba_ssm's autograd Functions and triton launcher
 encoder (27.6 ms) and the image's LM prefill (13.9 ms). A graph replays such a call as one launch.
 
 :class:`GraphCache` (one per model, weakly keyed) captures a function of tensors once per input
-signature (shapes, dtypes, device, autocast state, the weights' storage) and replays it: inputs are
+signature (shapes, dtypes, device, autocast state, the weights' storage), the second time the
+signature is seen, and replays it: inputs are
 copied into static buffers, the graph replays, and the outputs are returned as clones (so a later
 replay, or another graph of the same memory pool, never changes what a caller holds). Captures warm
 up twice on a side stream first (cuBLAS workspaces, triton autotuning outside the capture). A
@@ -91,12 +92,20 @@ class CapturedCall:
 
 
 class GraphCache:
-    """A model's captured calls by (name, input signature), at most ``max_graphs``, one memory pool."""
+    """A model's captured calls by (name, input signature), at most ``max_graphs``, one memory pool.
 
-    def __init__(self, model: torch.nn.Module, max_graphs: int = 8) -> None:
+    A signature is captured the ``capture_after``-th time it is seen (2 by default; the calls before
+    run eagerly): a capture costs about three eager calls, so shapes that come once (an evaluation's
+    last, smaller batch; a varying number of images per batch) are never captured, and a stream of
+    always-new shapes cannot thrash the cache.
+    """
+
+    def __init__(self, model: torch.nn.Module, max_graphs: int = 8, capture_after: int = 2) -> None:
         self.model = weakref.ref(model)
         self.max_graphs = max_graphs
+        self.capture_after = capture_after
         self.calls: OrderedDict[tuple, CapturedCall] = OrderedDict()
+        self.seen: OrderedDict[tuple, int] = OrderedDict()  # sightings of signatures not captured yet
         self.failed: set[str] = set()
         self.pool: Any = None
         self.captures = 0  # how many graphs were captured (tests read it)
@@ -110,13 +119,20 @@ class GraphCache:
     def run(
         self, name: str, fn: Callable[..., Sequence[Tensor]], inputs: Sequence[Tensor]
     ) -> list[Tensor] | None:
-        """The outputs of ``fn(*inputs)`` (clones) through a graph, or None when ``name`` cannot be
-        captured (logged once; the caller runs ``fn`` eagerly)."""
+        """The outputs of ``fn(*inputs)`` (clones) through a graph, or None when the caller should
+        run ``fn`` eagerly: ``name`` cannot be captured (logged once), or this signature has been
+        seen fewer than ``capture_after`` times."""
         if name in self.failed:
             return None
         key = self.signature(name, inputs)
         call = self.calls.get(key)
         if call is None:
+            n = self.seen.pop(key, 0) + 1
+            if n < self.capture_after:
+                self.seen[key] = n
+                while len(self.seen) > 16 * self.max_graphs:
+                    self.seen.popitem(last=False)
+                return None
             if self.pool is None:
                 self.pool = torch.cuda.graph_pool_handle()
             try:
