@@ -75,8 +75,17 @@ def main() -> None:
     A = -torch.rand(e, n, device=dev) - 0.5
     D = torch.ones(e, device=dev)
 
-    def ssu_rows(b: int) -> list[dict]:
+    def sweep(kernel: str, b: int, ref: float, blocks, warps, call) -> list[dict]:
+        """``call(block, num_warps)`` timed for every tile, against the unfused ops' ``ref`` us."""
         out = []
+        for blk in blocks:
+            for nwarps in warps:
+                us = per_call_us(lambda blk=blk, nwarps=nwarps: call(blk, nwarps), args.calls, args.reps)
+                out.append({"kernel": kernel, "batch": b, "block": blk, "num_warps": nwarps, "us": us,
+                            "vs_unfused": ref / us})  # fmt: skip
+        return out
+
+    def ssu_rows(b: int) -> list[dict]:
         state = torch.randn(b, e, n, device=dev)  # fp32, as the decoding cache holds it
         x, z = torch.randn(b, e, device=dev, dtype=bf), torch.randn(b, e, device=dev, dtype=bf)
         dtl = torch.randn(b, r, device=dev, dtype=bf)
@@ -88,19 +97,13 @@ def main() -> None:
             args.calls,
             args.reps,
         )
-        out.append({"kernel": "dt_proj + state update (cuBLAS + mamba_ssm)", "batch": b, "us": ref})
-        for be in (8, 16, 32, 64):
-            for nwarps in (1, 2, 4):
-                us = per_call_us(
-                    lambda be=be, nwarps=nwarps: T.selective_state_update_dtproj_(
-                        state, x, dtl, W_dt, dt_bias, A, Bm, Cm, D, z, block_e=be, num_warps=nwarps
-                    ),
-                    args.calls,
-                    args.reps,
-                )
-                out.append({"kernel": "selective_state_update_dtproj_", "batch": b, "block": be,
-                            "num_warps": nwarps, "us": us, "vs_unfused": ref / us})  # fmt: skip
-        return out
+        unfused = {"kernel": "dt_proj + state update (cuBLAS + mamba_ssm)", "batch": b, "us": ref}
+        return [unfused] + sweep(
+            "selective_state_update_dtproj_", b, ref, (8, 16, 32, 64), (1, 2, 4),
+            lambda be, nwarps: T.selective_state_update_dtproj_(
+                state, x, dtl, W_dt, dt_bias, A, Bm, Cm, D, z, block_e=be, num_warps=nwarps
+            ),
+        )  # fmt: skip
 
     rows = []
     for b in args.batches:
@@ -114,17 +117,11 @@ def main() -> None:
             args.reps,
         )
         rows.append({"kernel": "add_norm + in_proj (mamba_ssm rms_norm_fn + cuBLAS)", "batch": b, "us": ref})
-        for bo in (8, 16, 32, 64):
-            for nwarps in (2, 4, 8):
-                us = per_call_us(
-                    lambda h=h, res=res, bo=bo, nwarps=nwarps: T.add_rms_norm_linear(
-                        h, res, nw, 1e-5, W_in, block_o=bo, num_warps=nwarps
-                    ),
-                    args.calls,
-                    args.reps,
-                )
-                rows.append({"kernel": "add_rms_norm_linear", "batch": b, "block": bo, "num_warps": nwarps,
-                             "us": us, "vs_unfused": ref / us})  # fmt: skip
+        rows += sweep(
+            "add_rms_norm_linear", b, ref, (8, 16, 32, 64), (2, 4, 8),
+            lambda bo, nwarps, h=h, res=res: T.add_rms_norm_linear(h, res, nw, 1e-5, W_in, block_o=bo,
+                                                                  num_warps=nwarps),
+        )  # fmt: skip
         rows += ssu_rows(b)
     print(f"{'kernel':<52} {'b':>3} {'block':>5} {'warps':>5} {'us/call':>8} {'unfused/this':>12}")
     for x in rows:

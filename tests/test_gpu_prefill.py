@@ -35,31 +35,24 @@ def _scan_inputs(dtype, b=3, e=96, length=300, n=16, pads=False, seed=0):
     return {k: (v.to(DEV, dtype) if k in low else v.to(DEV)) for k, v in t.items()}
 
 
+@pytest.mark.parametrize("form", ["two_pass", "one_pass"])
 @pytest.mark.parametrize("pads", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_scan_from_a_state_equals_the_reference_scan(dtype, pads):
+def test_scan_from_a_state_equals_the_reference_scan(dtype, pads, form, monkeypatch):
+    """ops.selective_scan from a state on the kernels: selective_scan_fn from zero + the Triton h0
+    term (two_pass, the default), or the one-pass Triton scan (VLM_MAMBA_STATE_SCAN=triton)."""
+    if form == "one_pass":
+        monkeypatch.setenv(triton_scan.STATE_SCAN_ENV, "triton")
+    else:
+        monkeypatch.delenv(triton_scan.STATE_SCAN_ENV, raising=False)
     t = _scan_inputs(dtype, pads=pads)
-    assert ops_cuda._initial_state_kernel_ok(t["A"], t["C"], *t.values())  # the Triton path runs
+    assert ops_cuda._initial_state_kernel_ok(t["A"], t["C"], *t.values())  # a Triton path runs
     with torch.no_grad():
         y, last = ops.selective_scan(**t, delta_softplus=True, return_last_state=True, kernel=FAST)
         ry, rlast = selective_scan_ref(**t, delta_softplus=True, return_last_state=True)
     tol = (1e-4, 1e-4) if dtype == torch.float32 else (2e-2, 5e-2)
-    close(y, ry, *tol, what=f"y {dtype} pads={pads}")
-    close(last, rlast, 1e-4, 1e-4, what=f"last state {dtype} pads={pads}")
-
-
-@pytest.mark.parametrize("pads", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_one_pass_scan_from_a_state_equals_the_reference_scan(dtype, pads, monkeypatch):
-    """VLM_MAMBA_STATE_SCAN=triton: ops.selective_scan from a state in one Triton pass."""
-    monkeypatch.setenv(triton_scan.STATE_SCAN_ENV, "triton")
-    t = _scan_inputs(dtype, pads=pads)
-    with torch.no_grad():
-        y, last = ops.selective_scan(**t, delta_softplus=True, return_last_state=True, kernel=FAST)
-        ry, rlast = selective_scan_ref(**t, delta_softplus=True, return_last_state=True)
-    tol = (1e-4, 1e-4) if dtype == torch.float32 else (2e-2, 5e-2)
-    close(y, ry, *tol, what=f"one-pass y {dtype} pads={pads}")
-    close(last, rlast, 1e-4, 1e-4, what=f"one-pass last state {dtype} pads={pads}")
+    close(y, ry, *tol, what=f"{form} y {dtype} pads={pads}")
+    close(last, rlast, 1e-4, 1e-4, what=f"{form} last state {dtype} pads={pads}")
 
 
 def test_scan_from_a_state_with_gradients_keeps_the_differentiable_path():

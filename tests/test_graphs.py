@@ -79,13 +79,16 @@ def test_generate_with_prefill_graph_on_the_cpu_is_the_eager_path(caplog, monkey
     assert graphs.graph_cache(model).captures == 0
 
 
-def test_a_signature_is_captured_the_second_time_it_is_seen(monkeypatch):
-    """Shapes seen once run eagerly (None), so a stream of new shapes never captures; the second
-    sighting captures and later ones replay."""
+@pytest.fixture
+def fake_capture(monkeypatch):
+    """CapturedCall replaced by an eager call that records the shapes it was "captured" for (the
+    list returned); a function marked ``refuse`` fails its capture, as an op refusing capture does."""
     made = []
 
     class FakeCall:
         def __init__(self, fn, inputs, pool):
+            if getattr(fn, "refuse", False):
+                raise RuntimeError("operation not permitted when stream is capturing")
             made.append(tuple(t.shape for t in inputs))
             self.fn = fn
 
@@ -94,6 +97,13 @@ def test_a_signature_is_captured_the_second_time_it_is_seen(monkeypatch):
 
     monkeypatch.setattr(graphs, "CapturedCall", FakeCall)
     monkeypatch.setattr(graphs.torch.cuda, "graph_pool_handle", lambda: object())
+    return made
+
+
+def test_a_signature_is_captured_the_second_time_it_is_seen(fake_capture):
+    """Shapes seen once run eagerly (None), so a stream of new shapes never captures; the second
+    sighting captures and later ones replay."""
+    made = fake_capture
     model = torch.nn.Linear(4, 4)
     cache = graphs.GraphCache(model, max_graphs=2)
 
@@ -111,23 +121,10 @@ def test_a_signature_is_captured_the_second_time_it_is_seen(monkeypatch):
     assert cache.captures == 1 and made == [(torch.Size([1, 4]),)]
 
 
-def test_graph_cache_keys_lru_and_a_refused_capture(monkeypatch, caplog):
+def test_graph_cache_keys_lru_and_a_refused_capture(fake_capture, monkeypatch, caplog):
     """One capture per (name, shapes, dtypes, autocast, weights' storage); the oldest dropped beyond
     max_graphs; a capture that raises is logged once and the name then runs eagerly (None)."""
-    made = []
-
-    class FakeCall:
-        def __init__(self, fn, inputs, pool):
-            if getattr(fn, "refuse", False):
-                raise RuntimeError("operation not permitted when stream is capturing")
-            made.append(tuple(t.shape for t in inputs))
-            self.fn = fn
-
-        def __call__(self, inputs):
-            return [o.clone() for o in self.fn(*inputs)]
-
-    monkeypatch.setattr(graphs, "CapturedCall", FakeCall)
-    monkeypatch.setattr(graphs.torch.cuda, "graph_pool_handle", lambda: object())
+    made = fake_capture
     model = torch.nn.Linear(4, 4)
     cache = graphs.GraphCache(model, max_graphs=2, capture_after=1)
 
