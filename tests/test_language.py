@@ -80,6 +80,9 @@ def test_logits_match_transformers_mamba(case, tmp_path):
 def test_logits_match_transformers_mamba2(case, tmp_path):
     kw, b, L = MAMBA2_CASES[case]
     hf, ids = _hf_mamba2(**kw), _ids(b, L)
+    if kw["n_groups"] > 1 and not hasattr(hf.backbone.layers[0].mixer.norm, "group_size"):
+        # transformers up to at least 5.17 normalised the gated norm over the whole width (mamba_ssm: per group)
+        pytest.skip(f"transformers {transformers.__version__} ignores n_groups in Mamba-2's gated norm")
     hf.save_pretrained(tmp_path)
     ours = LanguageMamba.from_pretrained(tmp_path).eval()
     with torch.no_grad():
