@@ -1269,16 +1269,18 @@ class Suite:
                 state = ours.prefill_images(images)
             for t in P.prefill_state_lengths:
                 ids = torch.randint(1, V, (b, t), device=self.device)
-                for variant in ("from_image_state", "from_image_state_one_pass", "from_zero_state"):
+                for variant in ("from_image_state", "from_image_state_one_pass", "from_image_state_two_pass",
+                                "from_zero_state"):  # fmt: skip
                     rec = {"section": "prefill_state", "case": f"b={b} t={t}", "model": "ours", "variant": variant,
                            "batch": b, "length": t, "weights": wdesc,
                            "what": "LanguageMamba(inputs_embeds=prompt, state=image state or None, return_state=True, "
                            "logits='last'); the image's own prefill is not timed"}  # fmt: skip
 
                     def run(ids=ids, st=None if variant == "from_zero_state" else state, variant=variant):
-                        # one_pass: the Triton scan from h0 (VLM_MAMBA_STATE_SCAN=triton), else the
-                        # zero-state kernel + the h0 term
-                        with _env(STATE_SCAN_ENV, "triton" if variant.endswith("one_pass") else None):
+                        # the default form (triton_scan.state_scan_form: one pass up to 8K tokens),
+                        # or one forced: the one-pass Triton scan from h0, the zero-state kernel + h0 term
+                        form = variant.rsplit("_", 2)[-2:] if variant.endswith("_pass") else None
+                        with _env(STATE_SCAN_ENV, "_".join(form) if form else None):
                             with torch.no_grad(), ctx():
                                 return lm(
                                     inputs_embeds=lm.embed(ids), state=st, return_state=True, logits="last"
@@ -1825,14 +1827,12 @@ def summarize(records: list[dict]) -> dict:
                            "ours_state_bytes": r["state_bytes"], "ref_state_bytes": (ref or {}).get("state_bytes"),
                            "ours_hbm_fraction": r.get("hbm_fraction"), "ref_hbm_fraction": (ref or {}).get("hbm_fraction")})  # fmt: skip
     for r in records:
-        if r["section"] == "prefill_state" and r["variant"] in (
-            "from_image_state",
-            "from_image_state_one_pass",
-        ):
+        if r["section"] == "prefill_state" and r["variant"] != "from_zero_state":
             ref = _get(records, section="prefill_state", case=r["case"], variant="from_zero_state")
-            one = ", one-pass Triton scan" if r["variant"].endswith("one_pass") else ""
-            add(f"prompt prefill: from the image state vs from zero{one}", r["case"], r, ref, "tokens_per_s",
-                "zero state")  # fmt: skip
+            form = {"from_image_state_one_pass": ", one-pass Triton scan forced",
+                    "from_image_state_two_pass": ", two passes forced (zero-state kernel + h0 term)"}  # fmt: skip
+            add(f"prompt prefill: from the image state vs from zero{form.get(r['variant'], '')}", r["case"], r, ref,
+                "tokens_per_s", "zero state")  # fmt: skip
         if r["section"] == "prefill_vlm" and r["model"] == "ours":
             ref = _get(records, section="prefill_vlm", case=r["case"], model="peer")
             graphed = str(r.get("variant", "")).startswith("prefill_graph")

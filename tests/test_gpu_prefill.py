@@ -40,11 +40,8 @@ def _scan_inputs(dtype, b=3, e=96, length=300, n=16, pads=False, seed=0):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_scan_from_a_state_equals_the_reference_scan(dtype, pads, form, monkeypatch):
     """ops.selective_scan from a state on the kernels: selective_scan_fn from zero + the Triton h0
-    term (two_pass, the default), or the one-pass Triton scan (VLM_MAMBA_STATE_SCAN=triton)."""
-    if form == "one_pass":
-        monkeypatch.setenv(triton_scan.STATE_SCAN_ENV, "triton")
-    else:
-        monkeypatch.delenv(triton_scan.STATE_SCAN_ENV, raising=False)
+    term (two_pass, the default above ONE_PASS_MAX_TOKENS), or the one-pass Triton scan (below)."""
+    monkeypatch.setenv(triton_scan.STATE_SCAN_ENV, form)
     t = _scan_inputs(dtype, pads=pads)
     assert ops_cuda._initial_state_kernel_ok(t["A"], t["C"], *t.values())  # a Triton path runs
     with torch.no_grad():

@@ -54,3 +54,17 @@ def test_one_pass_scan_in_bf16_keeps_fp32_state(results):
 def test_rejects_what_it_cannot_do(results):
     assert "power of two" in results["errors"]["n=6"]
     assert "(b, n, l)" in results["errors"]["grouped C"]
+
+
+def test_state_scan_form_one_pass_for_short_prefills_and_the_override(monkeypatch):
+    from vlm_mamba.ops import triton_scan as T
+
+    monkeypatch.delenv(T.STATE_SCAN_ENV, raising=False)
+    assert T.state_scan_form(1, T.ONE_PASS_MAX_TOKENS) == "one_pass"
+    assert T.state_scan_form(8, T.ONE_PASS_MAX_TOKENS // 8 + 1) == "two_pass"
+    for value, form in (("two_pass", "two_pass"), ("ONE_PASS", "one_pass"), ("triton", "one_pass")):
+        monkeypatch.setenv(T.STATE_SCAN_ENV, value)
+        assert T.state_scan_form(64, 4096) == form and T.state_scan_form(1, 16) == form
+    monkeypatch.setenv(T.STATE_SCAN_ENV, "fast")
+    with pytest.raises(ValueError, match="VLM_MAMBA_STATE_SCAN='fast'"):
+        T.state_scan_form(1, 16)

@@ -6,6 +6,8 @@ lack is added here without leaving the GPU:
 - ``selective_scan_fn`` takes no initial state. The scan is linear in its state, so a run from h0
   equals the run from zero plus ``C_t . (exp(A * cumsum(delta)_t) * h0)`` at every step (and the
   same decay times h0 on the last state); that term is added with plain tensor ops (autograd ok).
+  Forward-only calls take a Triton kernel instead: the one-pass scan from h0 for short prefills,
+  else the zero-state kernel + the h0 term (``triton_scan.state_scan_form`` says which, and why).
 - ``causal_conv1d_fn`` takes initial states only for channel-last inputs; only the first k-1
   outputs read them, so those are recomputed from a small window (exact for any layout, and the
   sequence is not copied).
@@ -19,7 +21,6 @@ Shapes: ``b`` batch, ``l`` length, ``e`` channels, ``n`` state size, ``k`` conv 
 from __future__ import annotations
 
 import functools
-import os
 from types import SimpleNamespace
 
 import torch
@@ -98,10 +99,10 @@ def selective_scan(
     if initial_state is None:
         return K.selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if (
-        os.environ.get(triton_scan.STATE_SCAN_ENV) == "triton"
+        triton_scan.state_scan_form(u.shape[0], u.shape[-1]) == "one_pass"
         and B.dim() == 3
         and _initial_state_kernel_ok(A, C, u, delta, B, D, z, delta_bias, initial_state)
-    ):  # the one-pass Triton scan from h0 (opt-in, see triton_scan.selective_scan_from_state)
+    ):  # the one-pass Triton scan from h0 (short prefills, see triton_scan.state_scan_form)
         y, last = triton_scan.selective_scan_from_state(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
         )

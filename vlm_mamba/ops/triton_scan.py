@@ -24,16 +24,36 @@ Shapes: ``b`` batch, ``e`` channels, ``l`` length, ``n`` state size.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from vlm_mamba.ops._triton import available, tl, triton  # noqa: F401  (available: this module's API)
 
-# "triton": ``vlm_mamba.ops.cuda.selective_scan`` runs a prefill from a state (the image-state
-# cache) through :func:`selective_scan_from_state` (one pass) instead of mamba_ssm's scan from zero
-# + :func:`add_initial_state` (opt-in until measured on a GPU); read at every call
+# How ``vlm_mamba.ops.cuda.selective_scan`` runs a forward from a state (the image-state cache),
+# read at every call: "one_pass" (or "triton") :func:`selective_scan_from_state`; "two_pass"
+# mamba_ssm's scan from zero + :func:`add_initial_state`; "auto" (unset) one pass up to
+# ONE_PASS_MAX_TOKENS tokens (batch x length), two passes above. Measured on an H200 (base LM,
+# d 768, 24 layers; prefill tokens/s from the state / from zero): one pass 0.85 / 0.77 / 0.97x at
+# b=1, 256 / 1K / 4K tokens, and 1.10 / 0.91x at b=8, 256 / 1K, against two passes' 0.50 / 0.70 /
+# 0.85x and 0.97 / 0.73x; at b=8, 4K (32K tokens) one pass fell to 0.43x, two passes held 0.71x
+# (the one-pass grid has no parallelism over time: each program walks the whole length).
 STATE_SCAN_ENV = "VLM_MAMBA_STATE_SCAN"
+STATE_SCAN_FORMS = ("auto", "one_pass", "two_pass", "triton")
+ONE_PASS_MAX_TOKENS = 8192
+
+
+def state_scan_form(batch: int, length: int) -> str:
+    """ "one_pass" or "two_pass": the form a scan from a state of ``batch`` x ``length`` tokens takes."""
+    v = os.environ.get(STATE_SCAN_ENV, "").strip().lower() or "auto"
+    if v not in STATE_SCAN_FORMS:
+        raise ValueError(f"{STATE_SCAN_ENV}={v!r}: expected one of {', '.join(STATE_SCAN_FORMS)}")
+    if v == "auto":
+        return "one_pass" if batch * length <= ONE_PASS_MAX_TOKENS else "two_pass"
+    return "one_pass" if v in ("one_pass", "triton") else "two_pass"
+
 
 if triton is not None:
 
@@ -197,8 +217,8 @@ def selective_scan_from_state(
     ``selective_scan_fn`` from zero + :func:`add_initial_state`, which computes every decay twice
     (the zero-state scan's exponentials, then the h0 term's). Same arguments as
     ``vlm_mamba.ops.selective_scan`` with (b,n,l) B and C; returns (y (b,e,l) in u's dtype,
-    last state (b,e,n) fp32). ``VLM_MAMBA_STATE_SCAN=triton`` routes ``ops.cuda.selective_scan``
-    calls with an initial state here (opt-in: not yet measured against the two-pass form on a GPU).
+    last state (b,e,n) fp32). ``ops.cuda.selective_scan`` calls with an initial state come here up
+    to ``ONE_PASS_MAX_TOKENS`` (see :func:`state_scan_form`).
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
