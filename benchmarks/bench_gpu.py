@@ -15,11 +15,13 @@ missing package; the reason is written down) or failed (the error is written dow
                  state returned, head on the last position).
 ``arch``         the VLM against the ViT + transformer peer (``peer_transformer.py``: SDPA attention,
                  FlashAttention under bf16) on the same caption-like and VQA-like batches, full
-                 training step with fused AdamW, each eager and ``torch.compile``d; and the language
-                 model alone against ``transformers``' ``LlamaForCausalLM`` (SDPA, compiled), next-token
-                 cross-entropy, fused AdamW, T = 1K, 4K, 16K. Step breakdown (vision / bridge / LM /
-                 head + loss / optimizer) from CUDA events at module hooks, top kernels from
-                 ``torch.profiler``.
+                 training step with fused AdamW, each eager and ``torch.compile``d. Step breakdown
+                 (vision / bridge / LM / head + loss / optimizer) from CUDA events at module hooks, top
+                 kernels from ``torch.profiler``.
+``arch_lm``      the language model alone against ``transformers``' ``LlamaForCausalLM`` (SDPA,
+                 compiled), fused AdamW, T = 1K, 4K, 16K: ours with the plain head + fp32 cross-entropy
+                 and with ``labels=`` (the fused chunked loss), Llama's plain head + CE (records under
+                 section ``arch``, cases ``lm T=...``).
 ``lengths``      VLM vs peer training at total lengths 1K..64K (64K tokens per step, one image of p
                  tokens + L - p text tokens, every text token labelled, no padding): the crossover
                  length and the scaling exponent of the time per sequence.
@@ -87,14 +89,15 @@ T_START = time.perf_counter()  # --time-budget counts from here: imports and set
 GiB = 2**30
 PEAK_FLOPS = 989e12  # H100/H200 SXM bf16 dense, datasheet
 RESULTS = Path(__file__).resolve().parent / "results"
-SECTIONS = ("lm_vs_stock", "arch", "lengths", "decode", "prefill", "vision", "vqa")
+SECTIONS = ("lm_vs_stock", "arch", "arch_lm", "lengths", "decode", "prefill", "vision", "vqa")
 BATCH_KINDS = {
     "caption": "image + 20-40 text tokens (uniform), right padded to 40, every real token labelled",
     "vqa": "image + 8-16 prompt tokens + 1-3 answer tokens, right padded to 19, the answer labelled",
 }
 SECTION_WEIGHT = {
     "lm_vs_stock": 2.2,
-    "arch": 2.2,
+    "arch": 1.6,
+    "arch_lm": 0.8,
     "lengths": 1.0,
     "decode": 2.2,
     "prefill": 0.6,
@@ -906,6 +909,8 @@ class Suite:
                         rec, lambda model=model, who=who, batch=batch: self._vlm_profile(model, who, batch)
                     )
         self.clean()
+
+    def arch_lm(self) -> None:
         self._lm_vs_llama()
 
     def _vlm_profile(self, model: nn.Module, who: str, batch: dict) -> dict:
@@ -1793,6 +1798,13 @@ def summarize(records: list[dict]) -> dict:
         ref_name = "llama" if case.startswith("lm") else "peer"
         add("train vs transformer (best variant of each)", case, _best(records, section="arch", case=case, model="ours"),
             _best(records, section="arch", case=case, model=ref_name), "tokens_per_s", ref_name)  # fmt: skip
+        if case.startswith("lm"):  # issue 15: the fused chunked loss against the plain head + fp32 CE
+            own = _get(
+                records, section="arch", case=case, model="ours", variant="eager, labels= (model's loss)"
+            )
+            plain = _get(records, section="arch", case=case, model="ours", variant="eager")
+            add("LM train: labels= (fused chunked loss) vs plain head + fp32 CE", case, own, plain, "tokens_per_s",
+                "plain head")  # fmt: skip
     lens = sorted({r["length"] for r in records if r["section"] == "lengths"})
     xs, ratio, per_seq = [], [], {"ours": [], "peer": []}
     for L in lens:
