@@ -1044,7 +1044,11 @@ class Suite:
 
         subjects: list[tuple[str, str, Callable[[], Any]]] = [
             ("ours", "mamba1", lambda: ours),
-            *([("ours_fused", "mamba1", lambda: ours)] if getattr(self.args, "fused_step", False) else []),
+            *(
+                [("ours_fused", "mamba1", lambda: ours), ("ours_unfused", "mamba1", lambda: ours)]
+                if getattr(self.args, "fused_step", False)
+                else []
+            ),
             ("stock", "mamba1", lambda: self.build_stock("mamba1").to(torch.bfloat16).eval()),
             ("llama", "-", lambda: self.build_llama(target).to(torch.bfloat16).eval()),
             ("ours", "mamba2", ours2),
@@ -1070,12 +1074,15 @@ class Suite:
             dec = {
                 "ours": OursDecoder,
                 "ours_fused": OursDecoder,
+                "ours_unfused": OursDecoder,
                 "stock": StockDecoder,
                 "llama": LlamaDecoder,
             }[who](model, self)
-            if who.startswith("ours"):
-                dec.fused = who == "ours_fused"
-                dec.path += " [fused dt_proj step]" if dec.fused else ""
+            if who.startswith("ours"):  # ours: the default (fused at b <= ops.FUSED_STEP_MAX_BATCH)
+                dec.fused = {"ours_fused": True, "ours_unfused": False}.get(who)
+                dec.path += {True: " [fused dt_proj step forced]", False: " [unfused step forced]"}.get(
+                    dec.fused, ""
+                )
             dec.amp = weights.get(("ours" if who.startswith("ours") else who, ssm), (False, ""))[0]
             decoders[who, ssm] = dec
         m2 = set(P.decode_mamba2)
@@ -1828,8 +1835,14 @@ def summarize(records: list[dict]) -> dict:
         "exponent_note": "slope of log(step ms / batch) over log(length): 1 = linear, 2 = quadratic",
     }
     for r in records:
-        if r["section"] == "decode" and r["model"] in ("ours", "ours_fused") and "itl_ms" in r:
-            fused = ", fused step" if r["model"] == "ours_fused" else ""
+        if (
+            r["section"] == "decode"
+            and r["model"] in ("ours", "ours_fused", "ours_unfused")
+            and "itl_ms" in r
+        ):
+            fused = {"ours_fused": ", fused step forced", "ours_unfused": ", unfused step forced"}.get(
+                r["model"], ""
+            )
             for ref_name in ("stock", "llama") if r["ssm"] == "mamba1" else ("stock",):
                 ssm = r["ssm"] if ref_name == "stock" else "-"
                 ref = _get(records, section="decode", case=r["case"], model=ref_name, ssm=ssm)
@@ -1952,8 +1965,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     ap.add_argument("--decode-contexts", type=int, nargs="+", help="decode section: prompt lengths")
     ap.add_argument("--fused-step", action="store_true",
-                    help="decode section: also Mamba-1 rows 'ours_fused' (dt_proj folded into the state update, "
-                         "ops.set_fused_step) beside the default step's, same run")  # fmt: skip
+                    help="decode section: also Mamba-1 rows 'ours_fused' and 'ours_unfused' (the fused step "
+                         "forced on / off, ops.set_fused_step) beside the default's (fused at batch 1), same run")  # fmt: skip
     ap.add_argument("--warmup", type=int)
     ap.add_argument("--git-info", help="JSON with the commit measured (written before a GPU call)")
     ap.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/bench_gpu_<device>.json)")

@@ -104,6 +104,32 @@ def test_cache_made_under_inference_mode_serves_later_no_grad_calls(ssm):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
+def test_fused_step_modes_auto_takes_it_at_batch_one_only(monkeypatch):
+    """VLM_MAMBA_FUSED_STEP / set_fused_step: auto (the default) = the fused step up to
+    FUSED_STEP_MAX_BATCH rows, on / off whatever the batch, a bad value named; never off CUDA."""
+    from vlm_mamba import ops
+    from vlm_mamba.ops import triton_step
+
+    monkeypatch.setattr(ops, "_fused_step", None)
+    monkeypatch.delenv(ops.FUSED_STEP_ENV, raising=False)
+    one, many = torch.zeros(ops.FUSED_STEP_MAX_BATCH, 8), torch.zeros(ops.FUSED_STEP_MAX_BATCH + 1, 8)
+    assert ops.fused_step_switch() == "auto" and not ops.fused_step_enabled(one)  # CPU tensors: never
+    monkeypatch.setattr(ops, "kernel_family", lambda kernel, device: "cuda")
+    monkeypatch.setattr(triton_step, "available", lambda: True)
+    assert ops.fused_step_enabled(one) and not ops.fused_step_enabled(many)
+    for value, mode in (("1", "on"), ("OFF", "off"), ("auto", "auto")):
+        monkeypatch.setenv(ops.FUSED_STEP_ENV, value)
+        assert ops.fused_step_switch() == mode
+    monkeypatch.setenv(ops.FUSED_STEP_ENV, "0")
+    assert not ops.fused_step_enabled(one)
+    ops.set_fused_step(True)  # the call wins over the environment
+    assert ops.fused_step_enabled(many)
+    ops.set_fused_step(None)
+    monkeypatch.setenv(ops.FUSED_STEP_ENV, "yes")
+    with pytest.raises(ValueError, match="VLM_MAMBA_FUSED_STEP='yes'"):
+        ops.fused_step_enabled(one)
+
+
 def test_the_fused_step_switch_keys_its_own_cache(monkeypatch):
     """A graph captured with one set of kernels must not be replayed after ops.set_fused_step
     changes: the switch is part of the cache key, so each setting gets its own cache."""
@@ -119,7 +145,7 @@ def test_the_fused_step_switch_keys_its_own_cache(monkeypatch):
     ops.set_fused_step(None)
     again, _ = _run(lm, ids, mask, "inplace", **kw)
     keys = list(decoding._CACHES[lm])
-    assert len(keys) == 2 and {k[0] for k in keys} == {False, True}
+    assert len(keys) == 2 and {k[0] for k in keys} == {"auto", "on"}
     assert torch.equal(ref, on) and torch.equal(ref, again)
 
 

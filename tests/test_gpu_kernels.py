@@ -293,6 +293,30 @@ def test_mamba2_small_shapes_cuda_vs_torch(shape, piece):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_chunked_linear_ce_with_the_triton_kernel_equals_the_plain_loss(dtype):
+    """ops.linear_ce on CUDA (each chunk's statistics and gradient from ops.triton_ce, in place) vs
+    the plain head + CE, a 50280-word vocabulary, per-row weights: the loss and both gradients."""
+    from vlm_mamba.ops.linear_ce import linear_cross_entropy, linear_cross_entropy_ref
+
+    torch.manual_seed(0)
+    m, d, V = 3000, 256, 50280
+    h = torch.randn(m, d, device=DEV, requires_grad=True)
+    w = (torch.randn(V, d, device=DEV) * 0.05).requires_grad_()
+    y, rw = torch.randint(0, V, (m,), device=DEV), torch.rand(m, device=DEV) / m
+    res = []
+    for fn in (
+        lambda: linear_cross_entropy(h, w, y, rw, chunk_rows=700),
+        lambda: linear_cross_entropy_ref(h, w, y, rw),
+    ):
+        with _autocast(dtype):
+            loss = fn()
+        res.append((loss, *torch.autograd.grad(loss, (h, w))))
+    rtol, atol = TOL[dtype]
+    for what, a, b in zip(("loss", "grad h", "grad w"), *res):  # the plain bf16 grad w is one bf16 GEMM
+        close(a, b, rtol, atol if what == "loss" else 2 * atol, what)  # output, ours a sum of chunks'
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_residual", [False, True])
 def test_fused_add_rms_norm_matches_twin(dtype, with_residual):
     """mamba_ssm's rms_norm_fn with the residual carried vs the plain add then RMSNorm: values and the

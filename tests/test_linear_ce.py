@@ -125,3 +125,34 @@ def test_language_model_labels_loss_equals_shifted_cross_entropy(padding):
     torch.testing.assert_close(out.loss, ref, atol=1e-6, rtol=1e-6)
     for a, b in zip(g, torch.autograd.grad(ref, params)):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def kernel_results() -> dict:
+    """The Triton chunk kernel (ops.triton_ce) run by Triton's interpreter in a child process."""
+    pytest.importorskip("triton")
+    from pathlib import Path
+
+    from tests.triton_interpret import run_interpreted
+
+    return run_interpreted(Path(__file__).with_name("_triton_ce_cases.py"))
+
+
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_chunk_kernel_equals_its_twin_per_element(kernel_results, dtype, grad):
+    """lse and the target logit in fp32; the gradient written over the logits within two roundings
+    of bf16, or 1e-6 in fp32; without grad the logits are left as they were."""
+    r = kernel_results[f"rows torch.{dtype} grad={grad}"]
+    assert r["lse_err"] <= 2e-6 * r["lse_scale"] and r["xt_err"] == 0.0, r
+    ulp = 1e-6 if dtype == "float32" else 2**-8  # fp32: exp and sum orders differ by a few ulp
+    assert r["g_err"] <= (ulp * r["g_scale"] * 2 if grad else 0.0), r
+
+
+def test_chunked_loss_with_the_kernel_equals_the_plain_loss(kernel_results):
+    assert kernel_results["kernel_used"]
+    for chunk in (5, 1000):
+        r = kernel_results[f"loss chunk={chunk}"]
+        for what in ("loss", "h", "w"):
+            e, scale = r[what]
+            assert e <= 1e-6 * max(1.0, scale), (chunk, what, r)

@@ -11,6 +11,9 @@ The loss is a weighted sum, ``sum_i w_i * CE_i``: ``w_i = 1/N`` is the usual mea
 per-row weights express any other reduction (the VLM's per-sequence mean). Logits are taken in the
 autocast dtype when autocast is on (bf16 on the GPU, as the plain head would), the softmax in fp32.
 ``linear_cross_entropy_ref`` is the plain twin the tests compare values and gradients against.
+On CUDA (Triton present) each chunk's loss statistics and logits gradient come from one kernel that
+works in place on the chunk's logits in the compute dtype (``vlm_mamba.ops.triton_ce``); elsewhere
+from the PyTorch ops below.
 
 Shapes: ``m`` labelled rows, ``d`` width, ``V`` vocabulary, ``c`` rows per chunk.
 """
@@ -21,11 +24,20 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vlm_mamba.ops import triton_ce
+
 CHUNK_BYTES = 256 * 2**20  # fp32 logits of one chunk
 
 
 def _chunk_rows(vocab: int, rows: int) -> int:
     return max(1, min(rows, CHUNK_BYTES // (4 * vocab)))
+
+
+def _use_kernel(h: Tensor) -> bool:
+    """The Triton chunk kernel serves CUDA tensors (and any device under ``TRITON_INTERPRET=1``)."""
+    import os
+
+    return triton_ce.available() and (h.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
 def _compute_dtype(h: Tensor) -> torch.dtype:
@@ -45,16 +57,24 @@ class _ChunkedLinearCE(torch.autograd.Function):
             grad_h = torch.empty_like(h) if need_h else None
             grad_w = torch.zeros(w.shape, dtype=torch.float32, device=w.device) if need_w else None
             loss = torch.zeros((), dtype=torch.float32, device=h.device)
+            kernel = _use_kernel(h)
             for s in range(0, m, chunk):
                 hc, tc, rw = h[s : s + chunk].to(cdt), target[s : s + chunk], row_weight[s : s + chunk]
-                logits = (hc @ wc.t()).float()  # (c, V)
-                lse = logits.logsumexp(-1)  # (c,)
-                loss += ((lse - logits.gather(1, tc[:, None])[:, 0]) * rw).sum()
+                logits = hc @ wc.t()  # (c, V) in the compute dtype
+                if kernel:  # lse, the target's logit and (softmax - onehot) * weight in place, one kernel
+                    lse, xt = triton_ce.ce_rows_(logits, tc, rw, grad=need_h or need_w)
+                    loss += ((lse - xt) * rw).sum()
+                    g = logits
+                else:
+                    logits = logits.float()
+                    lse = logits.logsumexp(-1)  # (c,)
+                    loss += ((lse - logits.gather(1, tc[:, None])[:, 0]) * rw).sum()
+                    if need_h or need_w:  # softmax, in place: d CE / d logits = p - onehot
+                        g = logits.sub_(lse[:, None]).exp_()
+                        g[torch.arange(g.shape[0], device=g.device), tc] -= 1.0
+                        g = g.mul_(rw[:, None]).to(cdt)  # (c, V)
                 if not (need_h or need_w):
                     continue
-                g = logits.sub_(lse[:, None]).exp_()  # softmax, in place: d CE / d logits = p - onehot
-                g[torch.arange(g.shape[0], device=g.device), tc] -= 1.0
-                g = g.mul_(rw[:, None]).to(cdt)  # (c, V)
                 if need_h:
                     grad_h[s : s + chunk] = (g @ wc).to(h.dtype)
                 if need_w:

@@ -19,7 +19,8 @@ product; the program of the first block writes the new residual. For small batch
 decoding graph of one batch size): at large batches cuBLAS' GEMM reads the weights once.
 Together: five launches per Mamba-1 layer and token (add + norm + in_proj, conv update, x_proj,
 dt_proj + state update, out_proj) instead of seven.
-Off unless ``vlm_mamba.ops.set_fused_step(True)`` (or ``VLM_MAMBA_FUSED_STEP=1``).
+On at batch 1 by default (``vlm_mamba.ops.FUSED_STEP_MAX_BATCH``, where it measured faster);
+``vlm_mamba.ops.set_fused_step(True / False)`` (or ``VLM_MAMBA_FUSED_STEP=1 / 0``) forces it.
 
 Shapes: ``b`` batch, ``e`` channels, ``n`` state size, ``r`` dt rank.
 """
