@@ -1762,11 +1762,15 @@ def _get(records: list[dict], **kw) -> dict | None:
 
 
 def _best(records: list[dict], **kw) -> dict | None:
-    """The fastest variant matching ``kw``, among the latest run's records that have any."""
+    """The fastest variant matching ``kw``: each variant's latest measurement, then the best of them
+    (a later run that measured only some variants does not hide the others)."""
     rs = [r for r in records if all(r.get(k) == v for k, v in kw.items()) and "tokens_per_s" in r]
-    last = max((r.get("run", 0) for r in rs), default=0)
-    rs = [r for r in rs if r.get("run", 0) == last]
-    return max(rs, key=lambda r: r["tokens_per_s"]) if rs else None
+    latest: dict = {}
+    for r in rs:
+        v = r.get("variant")
+        if v not in latest or r.get("run", 0) >= latest[v].get("run", 0):
+            latest[v] = r
+    return max(latest.values(), key=lambda r: r["tokens_per_s"]) if latest else None
 
 
 def summarize(records: list[dict]) -> dict:
