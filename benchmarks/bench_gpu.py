@@ -1045,7 +1045,11 @@ class Suite:
         subjects: list[tuple[str, str, Callable[[], Any]]] = [
             ("ours", "mamba1", lambda: ours),
             *(
-                [("ours_fused", "mamba1", lambda: ours), ("ours_unfused", "mamba1", lambda: ours)]
+                [
+                    ("ours_fused", "mamba1", lambda: ours),
+                    ("ours_unfused", "mamba1", lambda: ours),
+                    ("ours_fused_conv", "mamba1", lambda: ours),
+                ]  # fmt: skip
                 if getattr(self.args, "fused_step", False)
                 else []
             ),
@@ -1075,13 +1079,18 @@ class Suite:
                 "ours": OursDecoder,
                 "ours_fused": OursDecoder,
                 "ours_unfused": OursDecoder,
+                "ours_fused_conv": OursDecoder,
                 "stock": StockDecoder,
                 "llama": LlamaDecoder,
             }[who](model, self)
             if who.startswith("ours"):  # ours: the default (fused at b <= ops.FUSED_STEP_MAX_BATCH)
-                dec.fused = {"ours_fused": True, "ours_unfused": False}.get(who)
+                dec.fused = {"ours_fused": True, "ours_unfused": False, "ours_fused_conv": True}.get(who)
+                dec.fused_conv = who == "ours_fused_conv"
                 dec.path += {True: " [fused dt_proj step forced]", False: " [unfused step forced]"}.get(
                     dec.fused, ""
+                )
+                dec.path += (
+                    " [+ conv step in in_proj's kernel, VLM_MAMBA_FUSED_CONV=1]" if dec.fused_conv else ""
                 )
             dec.amp = weights.get(("ours" if who.startswith("ours") else who, ssm), (False, ""))[0]
             decoders[who, ssm] = dec
@@ -1120,8 +1129,9 @@ class Suite:
         lm, out = dec.model, {}
         before = ops._fused_step
         ops.set_fused_step(getattr(dec, "fused", None) if getattr(dec, "fused", None) is not None else before)
+        conv = "1" if getattr(dec, "fused_conv", False) else None
         try:
-            with torch.no_grad(), dec.ctx():
+            with torch.no_grad(), dec.ctx(), _env(ops.FUSED_CONV_ENV, conv):
                 ids = torch.randint(1, self.plan.lm["vocab_size"], (b, 64), device=self.device)
                 o = lm(ids, return_state=True, logits="last")
                 for mode, graph in (("eager_in_place", False), ("graph_replay", True)):
@@ -1545,6 +1555,7 @@ class OursDecoder(Decoder):
             )
 
     fused: bool | None = None  # ops.set_fused_step for this decoder's calls (None: as set globally)
+    fused_conv: bool = False  # VLM_MAMBA_FUSED_CONV=1 for this decoder's calls
 
     @torch.no_grad()
     def run(self, ids: torch.Tensor, k: int) -> torch.Tensor:
@@ -1554,7 +1565,7 @@ class OursDecoder(Decoder):
         if self.fused is not None:
             ops.set_fused_step(self.fused)
         try:
-            with self.ctx():
+            with self.ctx(), _env(ops.FUSED_CONV_ENV, "1" if self.fused_conv else None):
                 return self._run(ids, k)
         finally:
             ops.set_fused_step(before)
@@ -1839,14 +1850,9 @@ def summarize(records: list[dict]) -> dict:
         "exponent_note": "slope of log(step ms / batch) over log(length): 1 = linear, 2 = quadratic",
     }
     for r in records:
-        if (
-            r["section"] == "decode"
-            and r["model"] in ("ours", "ours_fused", "ours_unfused")
-            and "itl_ms" in r
-        ):
-            fused = {"ours_fused": ", fused step forced", "ours_unfused": ", unfused step forced"}.get(
-                r["model"], ""
-            )
+        if r["section"] == "decode" and r["model"].startswith("ours") and "itl_ms" in r:
+            fused = {"ours_fused": ", fused step forced", "ours_unfused": ", unfused step forced",
+                     "ours_fused_conv": ", fused step + conv in in_proj"}.get(r["model"], "")  # fmt: skip
             for ref_name in ("stock", "llama") if r["ssm"] == "mamba1" else ("stock",):
                 ssm = r["ssm"] if ref_name == "stock" else "-"
                 ref = _get(records, section="decode", case=r["case"], model=ref_name, ssm=ssm)

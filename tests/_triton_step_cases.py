@@ -87,6 +87,33 @@ for res in (True, False):
             "unfused_err": err(yr, yu)[0], "res_unfused_err": err(ror, res_u)[0], "dtype": str(y.dtype),
         }  # fmt: skip
 
+# the same with the conv step folded in: e=60 x-half outputs (a program's block of 8 straddles the x/z
+# boundary), widths 4 and 2, with and without a conv bias; the conv state is updated in place
+for dtype in (torch.float32, torch.bfloat16):
+    for k, bias in ((4, True), (2, False)):
+        g = torch.Generator().manual_seed(4)
+        b, d, o, e = 3, 200, 130, 60
+        h = torch.randn(b, d, generator=g).to(dtype)
+        r = torch.randn(b, d, generator=g)
+        nw = torch.rand(d, generator=g) + 0.5
+        w = (torch.randn(o, d, generator=g) * 0.1).to(dtype)
+        cw, cb = torch.randn(e, k, generator=g) * 0.5, (torch.randn(e, generator=g) if bias else None)
+        cs = torch.randn(b, e, k - 1, generator=g).to(dtype)
+        cs_k, cs_r, cs_u = cs.clone(), cs.clone(), cs.clone()
+        conv = dict(conv_weight=cw, conv_bias=cb)
+        y, ro = T.add_rms_norm_linear(h, r, nw, 1e-5, w, conv_state=cs_k, **conv)
+        yr, ror = T.add_rms_norm_linear_ref(h, r, nw, 1e-5, w, conv_state=cs_r, **conv)
+        # the unfused path: add + norm, in_proj, then the conv step on the x half
+        normed, _ = ops.add_rms_norm(h, r, nw.to(dtype), 1e-5, True, kernel="torch")
+        xz = F.linear(normed, w)
+        xc = ops.causal_conv1d_update_(xz[:, :e].contiguous(), cs_u, cw, cb, kernel="torch")
+        yu = torch.cat([xc, xz[:, e:]], dim=-1)
+        out[f"norm_linear_conv k={k} bias={bias} {dtype}"] = {
+            "y_err": err(y, yr)[0], "y_scale": err(y, yr)[1], "state_err": err(cs_k, cs_r)[0],
+            "unfused_err": err(yr, yu)[0], "state_unfused_err": err(cs_r, cs_u)[0],
+            "state_moved": err(cs_k, cs)[0], "dtype": str(y.dtype),
+        }  # fmt: skip
+
 try:
     T.selective_state_update_dtproj_(**case(n=12))
     out["n12"] = "no error"

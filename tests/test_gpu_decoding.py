@@ -105,6 +105,9 @@ def test_graph_under_autocast_with_fp32_weights_equals_the_eager_step():
         close(a, b, 1e-2, 2e-2, what="autocast")
 
 
+@pytest.mark.skipif(
+    DRY, reason="Triton kernels need a GPU (under the interpreter: tests/test_triton_step.py)"
+)
 @pytest.mark.parametrize("batch", [1, 4])
 def test_fused_dtproj_step_in_the_graph_equals_the_unfused_step(batch):
     """ops.set_fused_step(True): Mamba-1's in-place step computes dt inside the state update and
@@ -150,3 +153,43 @@ def test_fused_dtproj_step_in_the_graph_equals_the_unfused_step(batch):
     y_ref, ro_ref = triton_step.add_rms_norm_linear_ref(h, res, nw, 1e-5, w)
     close(y.float(), y_ref.float(), 2e-2, 2e-2, what="add + norm + in_proj kernel (bf16 out)")
     assert torch.equal(ro, ro_ref)
+
+
+@pytest.mark.skipif(
+    DRY, reason="Triton kernels need a GPU (under the interpreter: tests/test_triton_step.py)"
+)
+def test_conv_step_in_the_in_proj_kernel_in_the_graph_equals_the_unfused_step(monkeypatch):
+    """VLM_MAMBA_FUSED_CONV=1 with the fused step at b=1: the conv's one-token step runs in the add +
+    norm + in_proj kernel's epilogue; the graph's logits match the unfused functional step to bf16
+    rounding, and the kernel equals its twin on CUDA (outputs and the conv state in place)."""
+    from vlm_mamba import ops
+    from vlm_mamba.ops import triton_step
+
+    lm = _lm("mamba1")
+    ids = torch.randint(3, 1000, (1, 64), device=DEV)
+    kw = dict(max_new_tokens=12, eos_token_id=None)
+    ref, ref_logits = _decode(lm, ids, "functional", **kw)
+    monkeypatch.setenv(ops.FUSED_CONV_ENV, "1")
+    ops.set_fused_step(True)
+    try:
+        decoding._CACHES.pop(lm, None)
+        out, logits = _decode(lm, ids, "graph", **kw)
+    finally:
+        ops.set_fused_step(None)
+        decoding._CACHES.pop(lm, None)
+    assert (out == ref).float().mean() >= 0.9
+    for i, (a, b) in enumerate(zip(logits[:4], ref_logits[:4])):
+        close(a, b, 2e-2, 5e-2, what=f"fused conv step {i}")
+
+    g = torch.Generator(device="cpu").manual_seed(0)
+    rn = lambda *s: torch.randn(*s, generator=g).to(DEV)  # noqa: E731
+    h, res = rn(1, 300).bfloat16(), rn(1, 300)
+    nw, w = rn(300).abs() + 0.5, (rn(130, 300) * 0.1).bfloat16()
+    conv = dict(conv_weight=rn(60, 4) * 0.5, conv_bias=rn(60))
+    cs_k = rn(1, 60, 3).bfloat16()
+    cs_r = cs_k.clone()
+    y, _ = triton_step.add_rms_norm_linear(h, res, nw, 1e-5, w, conv_state=cs_k, **conv)
+    y_ref, _ = triton_step.add_rms_norm_linear_ref(h, res, nw, 1e-5, w, conv_state=cs_r, **conv)
+    close(y.float(), y_ref.float(), 2e-2, 2e-2, what="add + norm + in_proj + conv kernel (bf16 out)")
+    close(cs_k.float(), cs_r.float(), 2e-2, 2e-2, what="conv state (its newest slot: in_proj's x, bf16)")
+    assert torch.equal(cs_k[..., :-1], cs_r[..., :-1])  # the shifted slots are copies

@@ -53,3 +53,19 @@ def test_add_norm_linear_equals_its_twin_and_the_unfused_ops(results, res, dtype
     )  # bf16: one rounding apart
     assert out["res_err"] <= 1e-6 and out["res_unfused_err"] <= 1e-6, out
     assert out["unfused_err"] <= (2e-5 if fp32 else 2e-2) * max(1.0, out["y_scale"]), out
+
+
+@pytest.mark.parametrize("conv", ["k=4 bias=True", "k=2 bias=False"])
+@pytest.mark.parametrize("dtype", ["torch.float32", "torch.bfloat16"])
+def test_add_norm_linear_with_the_conv_step_equals_its_twin_and_the_unfused_ops(results, conv, dtype):
+    """The conv's one-token step in in_proj's epilogue (x half only, the block straddling x / z
+    included): outputs and the conv state updated in place, against the twin and against add + norm,
+    in_proj and ops.causal_conv1d_update_ run apart (the torch conv rounds to bf16 per op: looser)."""
+    out = results[f"norm_linear_conv {conv} {dtype}"]
+    assert out["dtype"] == dtype and out["state_moved"] > 0, out
+    fp32 = dtype == "torch.float32"
+    assert out["y_err"] <= (2e-5 if fp32 else 2e-2) * max(1.0, out["y_scale"]), out
+    # the state's newest slot is in_proj's x, one rounding of a differently summed product apart
+    assert out["state_err"] <= (2e-5 if fp32 else 2e-2) * max(1.0, out["y_scale"]), out
+    assert out["state_unfused_err"] <= (2e-5 if fp32 else 2e-2) * max(1.0, out["y_scale"]), out
+    assert out["unfused_err"] <= (2e-5 if fp32 else 6e-2) * max(1.0, out["y_scale"]), out

@@ -269,12 +269,16 @@ class MambaMixer(nn.Module):
             and ops.fused_step_enabled(x, self.kernel)
         )
 
-    def step_xz_(self, xz: Tensor, state: MixerState, A: Tensor | None = None) -> Tensor:
-        """:meth:`step_` after in_proj: xz (b,2e) -> y (b,d), ``state`` updated in place."""
+    def step_xz_(
+        self, xz: Tensor, state: MixerState, A: Tensor | None = None, conv_done: bool = False
+    ) -> Tensor:
+        """:meth:`step_` after in_proj: xz (b,2e) -> y (b,d), ``state`` updated in place.
+        ``conv_done``: xz's x half is already the conv's output and ``state.conv`` already updated
+        (the conv step in in_proj's kernel, ``ops.fused_conv_switch``)."""
         xi, z = xz.chunk(2, dim=-1)  # (b,e)
-        xc = ops.causal_conv1d_update_(
+        xc = xi if conv_done else ops.causal_conv1d_update_(
             xi, state.conv, self.conv1d.weight[:, 0], self.conv1d.bias, kernel=self.kernel
-        )
+        )  # fmt: skip
         dt, B, C = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         A = self.decode_A() if A is None else A
         if (

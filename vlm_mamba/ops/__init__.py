@@ -344,6 +344,17 @@ def fused_step_enabled(x: Tensor, kernel: str | None = "auto") -> bool:
     return triton_step.available()
 
 
+FUSED_CONV_ENV = "VLM_MAMBA_FUSED_CONV"
+
+
+def fused_conv_switch() -> bool:
+    """``VLM_MAMBA_FUSED_CONV=1``: where the fused step folds add + norm into in_proj (Mamba-1, b=1),
+    the conv's one-token step runs in the same kernel's epilogue (``triton_step.add_rms_norm_linear``
+    with ``conv_weight``), one launch fewer a layer. Opt-in: equal to its twin under Triton's
+    interpreter, not yet measured on a GPU. Read when a step runs (set it before the first graph)."""
+    return os.environ.get(FUSED_CONV_ENV, "").strip() == "1"
+
+
 def selective_state_update_(
     state: Tensor,
     x: Tensor,

@@ -90,10 +90,12 @@ if triton is not None:
 
     @triton.jit
     def _add_norm_linear_kernel(
-        h_ptr, r_ptr, nw_ptr, w_ptr, out_ptr, res_out_ptr,
-        D, NOUT, eps,
+        h_ptr, r_ptr, nw_ptr, w_ptr, out_ptr, res_out_ptr, cs_ptr, cw_ptr, cb_ptr,
+        D, NOUT, eps, E_CONV,
         s_h_b, s_h_d, s_r_b, s_r_d, s_w_o, s_w_d, s_o_b, s_o_o, s_ro_b, s_ro_d,
+        s_cs_b, s_cs_e, s_cs_k, s_cw_e, s_cw_k,
         BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, HAS_RES: tl.constexpr, NORM_DTYPE: tl.constexpr,
+        HAS_CONV: tl.constexpr, HAS_CB: tl.constexpr, KW: tl.constexpr, KPAD: tl.constexpr,
     ):  # fmt: skip
         pid_b = tl.program_id(0)
         pid_o = tl.program_id(1)
@@ -127,6 +129,33 @@ if triton is not None:
                 w_ptr + o[:, None] * s_w_o + d[None, :] * s_w_d, mask=o_ok[:, None] & d_ok[None, :], other=0.0
             ).to(tl.float32)  # (BO, BD)
             acc += tl.sum(w * x[None, :], axis=1)
+        if HAS_CONV:  # the first E_CONV outputs (in_proj's x half) go through the conv step, in place
+            xo = acc.to(out_ptr.dtype.element_ty).to(tl.float32)  # as in_proj writes x
+            is_x = o_ok & (o < E_CONV)
+            j = tl.arange(0, KPAD)
+            cs = cs_ptr + pid_b * s_cs_b + o[:, None] * s_cs_e
+            st = tl.load(cs + j[None, :] * s_cs_k, mask=is_x[:, None] & (j[None, :] < KW - 1), other=0.0)
+            win = tl.where(j[None, :] == KW - 1, xo[:, None], st.to(tl.float32))  # the k inputs
+            cw = tl.load(
+                cw_ptr + o[:, None] * s_cw_e + j[None, :] * s_cw_k,
+                mask=is_x[:, None] & (j[None, :] < KW),
+                other=0.0,
+            ).to(tl.float32)
+            c = tl.sum(win * cw, axis=1)
+            if HAS_CB:
+                c += tl.load(cb_ptr + o, mask=is_x, other=0.0).to(tl.float32)
+            c = c * tl.sigmoid(c)  # silu
+            # the state shifts left by one and takes the new input last (causal_conv1d_update's way)
+            nxt = tl.load(
+                cs + (j[None, :] + 1) * s_cs_k, mask=is_x[:, None] & (j[None, :] + 1 < KW - 1), other=0.0
+            )
+            new = tl.where(j[None, :] + 1 == KW - 1, xo[:, None], nxt.to(tl.float32))
+            tl.store(
+                cs + j[None, :] * s_cs_k,
+                new.to(cs_ptr.dtype.element_ty),
+                mask=is_x[:, None] & (j[None, :] < KW - 1),
+            )
+            acc = tl.where(o < E_CONV, c, acc)
         tl.store(out_ptr + pid_b * s_o_b + o * s_o_o, acc.to(out_ptr.dtype.element_ty), mask=o_ok)
 
 
@@ -143,11 +172,19 @@ def add_rms_norm_linear(
     out_dtype: torch.dtype | None = None,
     block_o: int = 8,
     num_warps: int = 8,
+    conv_state: Tensor | None = None,
+    conv_weight: Tensor | None = None,
+    conv_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(hidden + residual) -> (RMSNorm(it) @ weight^T, it): a block's add + norm and in_proj in one
     kernel. hidden (b,d), residual (b,d) or None, norm_weight (d,), weight (o,d). Returns (out (b,o)
     in ``out_dtype`` (default hidden's), the new residual (b,d), fp32 with ``residual_in_fp32``).
     The normed row is rounded to ``out_dtype`` before the product, as the unfused norm's output is.
+
+    With ``conv_weight`` (e,k) (and ``conv_state`` (b,e,k-1), ``conv_bias`` (e,) or None), the first
+    e outputs (Mamba-1's x half of in_proj) also take the causal conv's one-token step with SiLU,
+    ``causal_conv1d_update``'s arithmetic (fp32, x rounded to ``out_dtype`` first): out[:, :e] is the
+    conv's output and ``conv_state`` is updated in place, one launch fewer per layer and token.
 
     ``block_o`` output rows per program: the product is a matrix-vector one, bound by reading W,
     so it needs programs on every SM (64 rows a program, 48 programs at o=3072, took 16 us a layer
@@ -173,12 +210,24 @@ def add_rms_norm_linear(
         device=hidden.device,
     )  # fmt: skip
     rr = residual if residual is not None else hidden
+    has_conv = conv_weight is not None
+    if has_conv:
+        e, k = conv_weight.shape
+        if conv_state is None or conv_state.shape != (b, e, k - 1) or e > o or k < 2:
+            raise ValueError(
+                f"conv: weight {tuple(conv_weight.shape)}, state "
+                f"{None if conv_state is None else tuple(conv_state.shape)}, in_proj outputs {o}, batch {b}"
+            )
+    cs, cw = (conv_state, conv_weight) if has_conv else (out, weight)  # never read without the conv
     _add_norm_linear_kernel[(b, triton.cdiv(o, block_o))](
-        hidden, rr, norm_weight, weight, out, res_out,
-        d, o, eps,
+        hidden, rr, norm_weight, weight, out, res_out, cs, cw, conv_bias if conv_bias is not None else cw,
+        d, o, eps, conv_weight.shape[0] if has_conv else 0,
         *hidden.stride(), *rr.stride(), *weight.stride(), *out.stride(), *res_out.stride(),
+        *(cs.stride() if has_conv else (0, 0, 0)), *cw.stride(),
         BLOCK_D=min(256, triton.next_power_of_2(d)), BLOCK_O=block_o, HAS_RES=residual is not None,
-        NORM_DTYPE=getattr(tl, _TL_DTYPES[out_dtype]), num_warps=num_warps,
+        NORM_DTYPE=getattr(tl, _TL_DTYPES[out_dtype]), HAS_CONV=has_conv, HAS_CB=conv_bias is not None,
+        KW=conv_weight.shape[1] if has_conv else 2, KPAD=triton.next_power_of_2(conv_weight.shape[1]) if has_conv else 2,
+        num_warps=num_warps,
     )  # fmt: skip
     return out, res_out
 
@@ -191,12 +240,21 @@ def add_rms_norm_linear_ref(
     weight: Tensor,
     residual_in_fp32: bool = True,
     out_dtype: torch.dtype | None = None,
+    conv_state: Tensor | None = None,
+    conv_weight: Tensor | None = None,
+    conv_bias: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """The plain twin of :func:`add_rms_norm_linear`."""
+    """The plain twin of :func:`add_rms_norm_linear` (``conv_state`` updated in place)."""
     out_dtype = out_dtype or hidden.dtype
     r = hidden.float() if residual is None else hidden.float() + residual.float()
     x = (r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()).to(out_dtype)
     out = (x.float() @ weight.float().t()).to(out_dtype)
+    if conv_weight is not None:
+        e = conv_weight.shape[0]
+        win = torch.cat([conv_state.float(), out[:, :e].float()[..., None]], dim=-1)  # (b,e,k)
+        c = (win * conv_weight.float()).sum(-1) + (conv_bias.float() if conv_bias is not None else 0.0)
+        conv_state.copy_(win[..., 1:])
+        out = torch.cat([F.silu(c).to(out_dtype), out[:, e:]], dim=-1)
     res = r if residual_in_fp32 else r.to(residual.dtype if residual is not None else hidden.dtype)
     return out, res
 
