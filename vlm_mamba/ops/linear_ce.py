@@ -20,6 +20,8 @@ Shapes: ``m`` labelled rows, ``d`` width, ``V`` vocabulary, ``c`` rows per chunk
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -35,8 +37,6 @@ def _chunk_rows(vocab: int, rows: int) -> int:
 
 def _use_kernel(h: Tensor) -> bool:
     """The Triton chunk kernel serves CUDA tensors (and any device under ``TRITON_INTERPRET=1``)."""
-    import os
-
     return triton_ce.available() and (h.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 

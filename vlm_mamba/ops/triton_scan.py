@@ -36,7 +36,8 @@ from vlm_mamba.ops._triton import available, tl, triton  # noqa: F401  (availabl
 # read at every call: "one_pass" (or "triton") :func:`selective_scan_from_state`; "two_pass"
 # mamba_ssm's scan from zero + :func:`add_initial_state`; "auto" (unset) one pass up to
 # ONE_PASS_MAX_TOKENS tokens (batch x length), two passes above. Measured on an H200 (base LM,
-# d 768, 24 layers; prefill tokens/s from the state / from zero): one pass 0.85 / 0.77 / 0.97x at
+# d 768, 24 layers; prefill tokens/s from the state / from zero; benchmarks/results/
+# bench_gpu_nvidia_h200_run_prefill_bd07cec.json): one pass 0.85 / 0.77 / 0.97x at
 # b=1, 256 / 1K / 4K tokens, and 1.10 / 0.91x at b=8, 256 / 1K, against two passes' 0.50 / 0.70 /
 # 0.85x and 0.97 / 0.73x; at b=8, 4K (32K tokens) one pass fell to 0.43x, two passes held 0.71x
 # (the one-pass grid has no parallelism over time: each program walks the whole length).
