@@ -105,17 +105,11 @@ def test_graph_under_autocast_with_fp32_weights_equals_the_eager_step():
         close(a, b, 1e-2, 2e-2, what="autocast")
 
 
-@pytest.mark.skipif(
-    DRY, reason="Triton kernels need a GPU (under the interpreter: tests/test_triton_step.py)"
-)
-@pytest.mark.parametrize("batch", [1, 4])
-def test_fused_dtproj_step_in_the_graph_equals_the_unfused_step(batch):
-    """ops.set_fused_step(True): Mamba-1's in-place step computes dt inside the state update and
-    folds the block's add + norm into in_proj (ops.triton_step); in the captured graph, the logits
-    of every step match the unfused functional step to bf16 rounding (the fused dt is accumulated in
-    fp32), and both kernels equal their twins on CUDA per element."""
+def _fused_graph_matches_the_functional_step(batch: int, what: str) -> None:
+    """Mamba-1 decoded with ops.set_fused_step(True) in a fresh graph (the kernels the environment
+    selects): >= 90% of the greedy tokens and the first 4 steps' logits, to bf16 rounding, equal the
+    unfused functional step's."""
     from vlm_mamba import ops
-    from vlm_mamba.ops import triton_step
 
     lm = _lm("mamba1")
     ids = torch.randint(3, 1000, (batch, 64), device=DEV)
@@ -130,7 +124,21 @@ def test_fused_dtproj_step_in_the_graph_equals_the_unfused_step(batch):
         decoding._CACHES.pop(lm, None)
     assert (out == ref).float().mean() >= 0.9
     for i, (a, b) in enumerate(zip(logits[:4], ref_logits[:4])):
-        close(a, b, 2e-2, 5e-2, what=f"fused step {i}")
+        close(a, b, 2e-2, 5e-2, what=f"{what} {i}")
+
+
+@pytest.mark.skipif(
+    DRY, reason="Triton kernels need a GPU (under the interpreter: tests/test_triton_step.py)"
+)
+@pytest.mark.parametrize("batch", [1, 4])
+def test_fused_dtproj_step_in_the_graph_equals_the_unfused_step(batch):
+    """ops.set_fused_step(True): Mamba-1's in-place step computes dt inside the state update and
+    folds the block's add + norm into in_proj (ops.triton_step); in the captured graph, the logits
+    of every step match the unfused functional step to bf16 rounding (the fused dt is accumulated in
+    fp32), and both kernels equal their twins on CUDA per element."""
+    from vlm_mamba.ops import triton_step
+
+    _fused_graph_matches_the_functional_step(batch, "fused step")
 
     g = torch.Generator(device="cpu").manual_seed(0)
     b, e, n, r = 3, 200, 16, 13
@@ -165,21 +173,8 @@ def test_conv_step_in_the_in_proj_kernel_in_the_graph_equals_the_unfused_step(mo
     from vlm_mamba import ops
     from vlm_mamba.ops import triton_step
 
-    lm = _lm("mamba1")
-    ids = torch.randint(3, 1000, (1, 64), device=DEV)
-    kw = dict(max_new_tokens=12, eos_token_id=None)
-    ref, ref_logits = _decode(lm, ids, "functional", **kw)
     monkeypatch.setenv(ops.FUSED_CONV_ENV, "1")
-    ops.set_fused_step(True)
-    try:
-        decoding._CACHES.pop(lm, None)
-        out, logits = _decode(lm, ids, "graph", **kw)
-    finally:
-        ops.set_fused_step(None)
-        decoding._CACHES.pop(lm, None)
-    assert (out == ref).float().mean() >= 0.9
-    for i, (a, b) in enumerate(zip(logits[:4], ref_logits[:4])):
-        close(a, b, 2e-2, 5e-2, what=f"fused conv step {i}")
+    _fused_graph_matches_the_functional_step(1, "fused conv step")
 
     g = torch.Generator(device="cpu").manual_seed(0)
     rn = lambda *s: torch.randn(*s, generator=g).to(DEV)  # noqa: E731
