@@ -111,10 +111,14 @@ class Block(nn.Module):
             w = m.in_proj.weight
             out_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else w.dtype
             conv = ops.fused_conv_switch()  # the conv step in the same kernel (opt-in)
-            cargs = dict(conv_state=state.conv, conv_weight=m.conv1d.weight[:, 0], conv_bias=m.conv1d.bias)
+            cargs = (
+                dict(conv_state=state.conv, conv_weight=m.conv1d.weight[:, 0], conv_bias=m.conv1d.bias)
+                if conv
+                else {}
+            )
             xz, residual = triton_step.add_rms_norm_linear(
                 hidden, residual, self.norm.weight, self.norm.eps, w, self.residual_in_fp32, out_dtype,
-                **(cargs if conv else {}),
+                **cargs,
             )  # fmt: skip
             return m.step_xz_(xz, state, A, conv_done=conv), residual
         normed, residual = self.add_norm(hidden, residual)
