@@ -8,11 +8,11 @@ mamba_ssm's ``selective_scan_fn`` starts from zero. The scan is linear in its st
 
 ``vlm_mamba.ops.cuda`` used to build ``exp(A * c)`` as a (b, e, l, n) fp32 tensor (0.8 GB per layer at
 b=8, e=1536, l=1K) and contract it with an einsum. Here a first pass sums dt = softplus(delta +
-bias) over each time block, the exclusive running sum of those (b, e, l / block) sums is each
-block's carry, and a second pass, one program per (row, channel block, time block), forms ``c`` in
-registers (a block cumsum plus the carry), sums the n terms, applies the gate and writes the
-output once; the last state gets ``exp(A * c_L) * h0``. Everything it touches is (b, e, l) or
-smaller.
+bias) up to the end of each time block (a (b, e, l / block) tensor: each block's carry), and a
+second pass, one program per (row, channel block, time block), forms ``c`` in registers (a block
+cumsum plus the carry), sums the n terms, applies the gate and writes the output once; the last
+block's program adds ``exp(A * c_L) * h0`` to the last state: two launches in all. Everything it
+touches is (b, e, l) or smaller.
 
 Forward only: prefill from a cached image state runs without gradients. Where autograd needs the
 gradient (training from a state), ``vlm_mamba.ops.cuda`` keeps the differentiable PyTorch form.
@@ -73,22 +73,26 @@ if triton is not None:
         return tl.where(ok, dt, 0.0)
 
     @triton.jit
-    def _dt_block_sums_kernel(
-        delta_ptr, bias_ptr, sums_ptr, E, L,
+    def _dt_running_sums_kernel(
+        delta_ptr, bias_ptr, csum_ptr, E, L,
         s_d_b, s_d_e, s_d_l, s_s_b, s_s_e, s_s_c,
         BLOCK_E: tl.constexpr, BLOCK_L: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr,
     ):  # fmt: skip
-        """Pass 1: the sum of dt over each time block, sums (b, e, blocks)."""
-        pid_b, pid_e, pid_l = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        """Pass 1, one program per (row, channel block) walking the time blocks: csum (b, e, blocks)
+        = the sum of dt up to the end of each time block (inclusive)."""
+        pid_b, pid_e = tl.program_id(0), tl.program_id(1)
         e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
         e_ok = e < E
-        t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
-        dt = _dt(delta_ptr, bias_ptr, pid_b, e, t, e_ok, L, s_d_b, s_d_e, s_d_l, HAS_BIAS, SOFTPLUS)
-        tl.store(sums_ptr + pid_b * s_s_b + e * s_s_e + pid_l * s_s_c, tl.sum(dt, axis=1), mask=e_ok)
+        acc = tl.zeros((BLOCK_E,), dtype=tl.float32)
+        for j in range(0, tl.cdiv(L, BLOCK_L)):
+            t = j * BLOCK_L + tl.arange(0, BLOCK_L)
+            dt = _dt(delta_ptr, bias_ptr, pid_b, e, t, e_ok, L, s_d_b, s_d_e, s_d_l, HAS_BIAS, SOFTPLUS)
+            acc += tl.sum(dt, axis=1)
+            tl.store(csum_ptr + pid_b * s_s_b + e * s_s_e + j * s_s_c, acc, mask=e_ok)
 
     @triton.jit
     def _initial_state_kernel(
-        y0_ptr, delta_ptr, bias_ptr, A_ptr, C_ptr, h0_ptr, z_ptr, out_ptr, carry_ptr,
+        y0_ptr, delta_ptr, bias_ptr, A_ptr, C_ptr, h0_ptr, z_ptr, out_ptr, csum_ptr, last_ptr,
         E, L,
         s_y0_b, s_y0_e, s_y0_l,
         s_d_b, s_d_e, s_d_l,
@@ -98,18 +102,22 @@ if triton is not None:
         s_z_b, s_z_e, s_z_l,
         s_o_b, s_o_e, s_o_l,
         s_c_b, s_c_e, s_c_c,
+        s_l_b, s_l_e, s_l_n,
         N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_L: tl.constexpr,
-        HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr,
+        HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr, HAS_LAST: tl.constexpr,
     ):  # fmt: skip
-        """Pass 2, one (BE, BL) block per program: c = the carry (sum of dt before the block) + the
-        block's running sum; out = (y0 + sum_n C_n exp(A_n c) h0_n) * silu(z)."""
+        """Pass 2, one (BE, BL) block per program: c = the carry (pass 1's sum of dt before the
+        block) + the block's running sum; out = (y0 + sum_n C_n exp(A_n c) h0_n) * silu(z). The
+        last time block's program also adds exp(A c_L) * h0 to the last state."""
         pid_b, pid_e, pid_l = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)  # (BE,)
         e_ok = e < E
         t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)  # (BL,)
         ok = e_ok[:, None] & (t[None, :] < L)  # (BE, BL)
         dt = _dt(delta_ptr, bias_ptr, pid_b, e, t, e_ok, L, s_d_b, s_d_e, s_d_l, HAS_BIAS, SOFTPLUS)
-        carry = tl.load(carry_ptr + pid_b * s_c_b + e * s_c_e + pid_l * s_c_c, mask=e_ok, other=0.0)  # (BE,)
+        carry = tl.load(
+            csum_ptr + pid_b * s_c_b + e * s_c_e + (pid_l - 1) * s_c_c, mask=e_ok & (pid_l > 0), other=0.0
+        )  # (BE,)
         c = tl.cumsum(dt, axis=1) + carry[:, None]  # (BE, BL) running sum of dt
         acc = tl.zeros((BLOCK_E, BLOCK_L), dtype=tl.float32)
         for k in tl.static_range(N):
@@ -128,6 +136,16 @@ if triton is not None:
             y = y * (z / (1.0 + tl.exp(-z)))
         tl.store(out_ptr + pid_b * s_o_b + e[:, None] * s_o_e + t[None, :] * s_o_l, y.to(out_ptr.dtype.element_ty),
                  mask=ok)  # fmt: skip
+        if HAS_LAST:
+            if pid_l == tl.num_programs(2) - 1:  # last state += exp(A c_L) * h0, c_L the row's sum of dt
+                c_end = carry + tl.sum(dt, axis=1)  # (BE,)
+                n = tl.arange(0, N)
+                en = e_ok[:, None] & (n[None, :] < N)  # (BE, N)
+                a = tl.load(A_ptr + e[:, None] * s_A_e + n[None, :] * s_A_n, mask=en, other=0.0).to(tl.float32)
+                h = tl.load(h0_ptr + pid_b * s_h_b + e[:, None] * s_h_e + n[None, :] * s_h_n, mask=en,
+                            other=0.0).to(tl.float32)  # fmt: skip
+                lp = last_ptr + pid_b * s_l_b + e[:, None] * s_l_e + n[None, :] * s_l_n
+                tl.store(lp, tl.load(lp, mask=en, other=0.0) + tl.exp(a * c_end[:, None]) * h, mask=en)
 
 
 if triton is not None:
@@ -257,6 +275,8 @@ def add_initial_state(
     out_dtype: torch.dtype | None = None,
     block_e: int = 32,
     block_l: int = 64,
+    num_warps: int = 4,
+    sums_block_e: int = 16,
 ) -> Tensor:
     """The run from ``h0`` given the zero-state run ``y0`` (b,e,l) (ungated): returns
     ``(y0 + C . exp(A c) h0) * silu(z)`` (b,e,l) in ``out_dtype`` (default y0's) and adds
@@ -265,10 +285,11 @@ def add_initial_state(
     delta (b,e,l) raw (bias and softplus applied here, as the scan does); A (e,n); C (b,n,l);
     h0 (b,e,n). The state size n must be a power of two (Triton block shapes).
 
-    Two passes, both parallel over (row, channel block, time block): the sums of dt per time
-    block, whose exclusive running sum (a (b, e, l / block_l) tensor) gives every block its
-    carry; then each block's term. A single pass walking the time axis kept ~3 programs per SM
-    busy on an H200 (1.1 ms a layer at b=8, e=1536, l=4096).
+    Two launches: the running sums of dt at the end of every time block (one program per row and
+    channel block walks the blocks: it reads dt once and keeps one number per channel), then every
+    (row, channel block, time block) in parallel forms its term from its carry; the last time
+    block's program updates ``last``. (A single pass walking the time axis for the whole term
+    kept ~3 programs per SM busy on an H200: 1.1 ms a layer at b=8, e=1536, l=4096.)
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
@@ -283,24 +304,21 @@ def add_initial_state(
     out = torch.empty_like(y0, dtype=out_dtype or y0.dtype)
     zz = z if z is not None else y0  # unused when HAS_Z is False
     bias = delta_bias if delta_bias is not None else A  # unused when HAS_BIAS is False
+    ll = last if last is not None else h0  # unused when HAS_LAST is False
     blocks = triton.cdiv(L, block_l)
-    grid = (b, triton.cdiv(E, block_e), blocks)
-    sums = torch.empty(b, E, blocks, device=y0.device, dtype=torch.float32)
+    csum = torch.empty(b, E, blocks, device=y0.device, dtype=torch.float32)
     flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus))
-    _dt_block_sums_kernel[grid](
-        delta, bias, sums, E, L, *delta.stride(), *sums.stride(), BLOCK_E=block_e, BLOCK_L=block_l, **flags
-    )
-    total = sums.cumsum(-1)  # (b,e,blocks)
-    carry = total - sums  # the sum of dt before each block
-    _initial_state_kernel[grid](
-        y0, delta, bias, A, C, h0, zz, out, carry,
+    _dt_running_sums_kernel[(b, triton.cdiv(E, sums_block_e))](
+        delta, bias, csum, E, L, *delta.stride(), *csum.stride(), BLOCK_E=sums_block_e, BLOCK_L=block_l, **flags
+    )  # fmt: skip
+    _initial_state_kernel[(b, triton.cdiv(E, block_e), blocks)](
+        y0, delta, bias, A, C, h0, zz, out, csum, ll,
         E, L,
         *y0.stride(), *delta.stride(), *A.stride(), *C.stride(), *h0.stride(), *zz.stride(), *out.stride(),
-        *carry.stride(),
-        N=N, BLOCK_E=block_e, BLOCK_L=block_l, HAS_Z=z is not None, **flags,
+        *csum.stride(), *ll.stride(),
+        N=N, BLOCK_E=block_e, BLOCK_L=block_l, HAS_Z=z is not None, HAS_LAST=last is not None,
+        num_warps=num_warps, **flags,
     )  # fmt: skip
-    if last is not None:  # last state += exp(A * c_L) * h0, c_L the whole row's sum of dt
-        last += torch.exp(A.float() * total[..., -1:]) * h0.float()
     return out
 
 
