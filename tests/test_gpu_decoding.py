@@ -131,13 +131,15 @@ def _fused_graph_matches_the_functional_step(batch: int, what: str) -> None:
     DRY, reason="Triton kernels need a GPU (under the interpreter: tests/test_triton_step.py)"
 )
 @pytest.mark.parametrize("batch", [1, 4])
-def test_fused_dtproj_step_in_the_graph_equals_the_unfused_step(batch):
+def test_fused_dtproj_step_in_the_graph_equals_the_unfused_step(batch, monkeypatch):
     """ops.set_fused_step(True): Mamba-1's in-place step computes dt inside the state update and
     folds the block's add + norm into in_proj (ops.triton_step); in the captured graph, the logits
     of every step match the unfused functional step to bf16 rounding (the fused dt is accumulated in
     fp32), and both kernels equal their twins on CUDA per element."""
+    from vlm_mamba import ops
     from vlm_mamba.ops import triton_step
 
+    monkeypatch.setenv(ops.FUSED_CONV_ENV, "0")  # the conv step as its own kernel (the other test folds it)
     _fused_graph_matches_the_functional_step(batch, "fused step")
 
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -167,7 +169,7 @@ def test_fused_dtproj_step_in_the_graph_equals_the_unfused_step(batch):
     DRY, reason="Triton kernels need a GPU (under the interpreter: tests/test_triton_step.py)"
 )
 def test_conv_step_in_the_in_proj_kernel_in_the_graph_equals_the_unfused_step(monkeypatch):
-    """VLM_MAMBA_FUSED_CONV=1 with the fused step at b=1: the conv's one-token step runs in the add +
+    """VLM_MAMBA_FUSED_CONV=1 (the default) with the fused step at b=1: the conv's one-token step runs in the add +
     norm + in_proj kernel's epilogue; the graph's logits match the unfused functional step to bf16
     rounding, and the kernel equals its twin on CUDA (outputs and the conv state in place)."""
     from vlm_mamba import ops

@@ -56,7 +56,7 @@ def test_rejects_what_it_cannot_do(results):
     assert "(b, n, l)" in results["errors"]["grouped C"]
 
 
-def test_state_scan_form_one_pass_for_short_prefills_and_the_override(monkeypatch):
+def test_state_scan_form_one_pass_for_short_eager_prefills_and_the_override(monkeypatch):
     from vlm_mamba.ops import triton_scan as T
 
     monkeypatch.delenv(T.STATE_SCAN_ENV, raising=False)
@@ -68,3 +68,11 @@ def test_state_scan_form_one_pass_for_short_prefills_and_the_override(monkeypatc
     monkeypatch.setenv(T.STATE_SCAN_ENV, "fast")
     with pytest.raises(ValueError, match="VLM_MAMBA_STATE_SCAN='fast'"):
         T.state_scan_form(1, 16)
+    # while a CUDA graph is being captured, "auto" takes the form with less device time; a forced
+    # form stays forced
+    monkeypatch.setattr(T.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(T.torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.delenv(T.STATE_SCAN_ENV)
+    assert T.state_scan_form(1, 16) == "two_pass"
+    monkeypatch.setenv(T.STATE_SCAN_ENV, "one_pass")
+    assert T.state_scan_form(1, 16) == "one_pass"

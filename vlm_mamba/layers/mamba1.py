@@ -228,8 +228,12 @@ class MambaMixer(nn.Module):
             dt, B, C = self.x_proj(xc.transpose(1, 2)).split(
                 [self.dt_rank, self.d_state, self.d_state], dim=-1
             )
-            if reads_weight_only(self.dt_proj):  # (e,r) @ (b,r,l) -> (b,e,l), bias added in the scan
-                delta, delta_bias = self.dt_proj.weight @ dt.transpose(1, 2), self.dt_proj.bias.float()
+            if reads_weight_only(self.dt_proj):  # bias added in the scan
+                # (e,r) @ (r, b*l) viewed as (b,e,l): mamba_ssm's layout, in memory (e,b,l) like xz.
+                # A batched (e,r) @ (b,r,l) came out (b,l,e)-major and was copied (measured on an
+                # H200), and the scan's output, allocated like delta, then cost out_proj a copy too.
+                delta = (self.dt_proj.weight @ dt.reshape(b * L, -1).t()).view(-1, b, L).transpose(0, 1)
+                delta_bias = self.dt_proj.bias.float()
             else:
                 delta, delta_bias = self.dt_proj(dt).transpose(1, 2), None
             if valid is not None:  # dt = softplus(-1e4 + bias) = 0 exactly at pads: exp(0*A) = 1 and no

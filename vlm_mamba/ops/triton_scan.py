@@ -40,7 +40,10 @@ from vlm_mamba.ops._triton import available, tl, triton  # noqa: F401  (availabl
 # bench_gpu_nvidia_h200_run_prefill_bd07cec.json): one pass 0.85 / 0.77 / 0.97x at
 # b=1, 256 / 1K / 4K tokens, and 1.10 / 0.91x at b=8, 256 / 1K, against two passes' 0.50 / 0.70 /
 # 0.85x and 0.97 / 0.73x; at b=8, 4K (32K tokens) one pass fell to 0.43x, two passes held 0.71x
-# (the one-pass grid has no parallelism over time: each program walks the whole length).
+# (the one-pass grid has no parallelism over time: each program walks the whole length). Those
+# eager prefills are host-bound at these sizes (fewer launches win); in device time alone two passes
+# always won (kernels timed alone: b=1, 4K: 0.31 against 0.51 ms a layer; b=8, 1K: 0.38 against
+# 0.94), so a call captured in a CUDA graph (the VLM's prefill graphs) takes two passes.
 STATE_SCAN_ENV = "VLM_MAMBA_STATE_SCAN"
 STATE_SCAN_FORMS = ("auto", "one_pass", "two_pass", "triton")
 ONE_PASS_MAX_TOKENS = 8192
@@ -52,6 +55,8 @@ def state_scan_form(batch: int, length: int) -> str:
     if v not in STATE_SCAN_FORMS:
         raise ValueError(f"{STATE_SCAN_ENV}={v!r}: expected one of {', '.join(STATE_SCAN_FORMS)}")
     if v == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return "two_pass"  # a graph replays launches for free: the form with less device time
         return "one_pass" if batch * length <= ONE_PASS_MAX_TOKENS else "two_pass"
     return "one_pass" if v in ("one_pass", "triton") else "two_pass"
 
@@ -141,7 +146,9 @@ if triton is not None:
                 c_end = carry + tl.sum(dt, axis=1)  # (BE,)
                 n = tl.arange(0, N)
                 en = e_ok[:, None] & (n[None, :] < N)  # (BE, N)
-                a = tl.load(A_ptr + e[:, None] * s_A_e + n[None, :] * s_A_n, mask=en, other=0.0).to(tl.float32)
+                a = tl.load(A_ptr + e[:, None] * s_A_e + n[None, :] * s_A_n, mask=en, other=0.0).to(
+                    tl.float32
+                )
                 h = tl.load(h0_ptr + pid_b * s_h_b + e[:, None] * s_h_e + n[None, :] * s_h_n, mask=en,
                             other=0.0).to(tl.float32)  # fmt: skip
                 lp = last_ptr + pid_b * s_l_b + e[:, None] * s_l_e + n[None, :] * s_l_n
