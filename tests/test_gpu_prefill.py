@@ -64,10 +64,15 @@ def test_scan_from_a_state_with_gradients_keeps_the_differentiable_path():
     close(g, rg, 1e-3, 1e-3, what="d initial_state")
 
 
+@pytest.mark.parametrize("form", ["auto", "prefix", "two_pass", "one_pass"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_prompt_prefilled_from_the_image_state_equals_one_prefill(dtype):
+def test_prompt_prefilled_from_the_image_state_equals_one_prefill(dtype, form, monkeypatch):
     """generate's image-state path: [image] then the left-padded prompt from its state, against
-    [image][prompt] in one prefill, on the CUDA kernels (logits of the last token, final states)."""
+    [image][prompt] in one prefill, on the CUDA kernels (logits of the last token, final states),
+    in every form of the scan from a state (the state as 2n prefix tokens, the h0 term, one pass)."""
+    from vlm_mamba.ops import triton_scan
+
+    monkeypatch.setenv(triton_scan.STATE_SCAN_ENV, form)
     torch.manual_seed(0)
     model = create_model("small").to(DEV).eval()
     with torch.no_grad():

@@ -203,6 +203,8 @@ class MambaMixer(nn.Module):
                 self.out_proj.weight, self.out_proj.bias, A, self.D.float(), self.dt_proj.bias.float(),
             )  # fmt: skip
 
+        if state is not None and self._state_prefix_ok(x, L):
+            return self._forward_state_prefix(x, lengths, state, return_state, A)
         valid = None if lengths is None else torch.arange(L, device=x.device) < lengths[:, None]  # (b,l)
         conv_init = state.conv if state is not None else None
         if ops.kernel_family(self.kernel, x.device) == "cpu":
@@ -251,6 +253,64 @@ class MambaMixer(nn.Module):
             return out
         lengths = lengths if lengths is not None else torch.full((b,), L, device=x.device)
         return out, MixerState(ops.conv_window(xi, conv_init, lengths, self.d_conv), ssm)
+
+    def _state_prefix_ok(self, x: Tensor, length: int) -> bool:
+        """Whether a forward from a state takes the state-prefix form (``ops.state_prefix``): CUDA
+        kernels, no autograd (the prefix is written in place), bf16/fp32 inputs, the form chosen
+        (``ops.triton_scan.state_scan_form``: captured prefills and long eager ones)."""
+        from vlm_mamba.ops import triton_scan
+
+        if torch.is_grad_enabled() or ops.kernel_family(self.kernel, x.device) != "cuda":
+            return False
+        w = self.in_proj.weight
+        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else w.dtype
+        if dtype not in (torch.float32, torch.bfloat16) or self.d_conv - 1 > 2 * self.d_state:
+            return False
+        return triton_scan.state_scan_form(x.shape[0], length) == "prefix"
+
+    def _forward_state_prefix(
+        self, x: Tensor, lengths: Tensor | None, state: MixerState, return_state: bool, A: Tensor
+    ):
+        """The forward from ``state`` as a forward from zero over [2n prefix tokens][x]: mamba_ssm's
+        scan carries the state on (``ops.state_prefix``: the prefix's inputs rebuild it), its
+        outputs are dropped. The prefix is written into the layer's own tensors: x grows by 2n rows
+        before in_proj (one (b,l,d) copy), the conv state goes into the k-1 inputs before the
+        prompt, the prefix's u / delta / B / z over the conv's, x_proj's and in_proj's outputs."""
+        from vlm_mamba.ops import state_prefix
+
+        b, L, _ = x.shape
+        V = state_prefix.prefix_length(self.d_state)
+        k1 = self.d_conv - 1
+        x = F.pad(x, (0, 0, V, 0))  # (b, V+l, d)
+        xi, z = self._xz(x).chunk(2, dim=1)  # (b,e,V+l) each, (e,b,l)-major
+        if k1:
+            xi[:, :, V - k1 : V] = state.conv.to(xi.dtype)  # the conv reads them as the window
+        xc = ops.causal_conv1d(xi, self.conv1d.weight[:, 0], self.conv1d.bias, kernel=self.kernel)
+        x_dbl = self.x_proj(xc.transpose(1, 2))  # (b, V+l, r+2n)
+        dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
+        if reads_weight_only(self.dt_proj):
+            delta = (self.dt_proj.weight @ dt.reshape(b * (V + L), -1).t()).view(-1, b, V + L).transpose(0, 1)
+            delta_bias = self.dt_proj.bias.float()
+        else:
+            delta, delta_bias = self.dt_proj(dt).transpose(1, 2), None
+        u_v, d_v, B_v = state_prefix.prefix_inputs(state.ssm, A, delta_bias, xc.dtype)
+        xc[:, :, :V] = u_v
+        delta[:, :, :V] = d_v[:, None]
+        B[:, :V] = B_v.to(B.dtype)
+        z[:, :, :V] = 0
+        n_real = lengths + V if lengths is not None else None
+        if n_real is not None:  # trailing pads: identity steps, so the last state is the rows' own
+            valid = torch.arange(V + L, device=x.device) < n_real[:, None]
+            delta = delta.masked_fill(~valid[:, None], PAD_DELTA)
+        y, ssm = ops.selective_scan(
+            xc, delta, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z, delta_bias, True,
+            return_last_state=True, kernel=self.kernel,
+        )  # fmt: skip
+        out = self.out_proj(y.transpose(1, 2))[:, V:]  # (b,l,d): the prefix's outputs dropped
+        if not return_state:
+            return out
+        n_real = n_real if n_real is not None else torch.full((b,), V + L, device=x.device)
+        return out, MixerState(ops.conv_window(xi, None, n_real, self.d_conv), ssm)
 
     def decode_A(self) -> Tensor:
         """A = -exp(A_log) (e,n) fp32, as the one-token step reads it (the decoding cache computes it

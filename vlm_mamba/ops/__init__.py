@@ -304,9 +304,12 @@ def causal_conv1d_update_(
 
 FUSED_STEP_ENV = "VLM_MAMBA_FUSED_STEP"
 # "auto" takes the fused step up to this batch. Measured on an H200 (Mamba-1, d 768, 24 layers, bf16,
-# CUDA graphs, decode tokens/s against stock generate(cg=True)): b=1 1.38x fused vs 0.93x unfused;
-# b=8 1.27x vs 1.44x; b=64 1.19x vs 1.16x (the cuBLAS GEMVs the fusion replaces are the b=1 cost)
-FUSED_STEP_MAX_BATCH = 1
+# CUDA graphs, decode tokens/s against stock generate(cg=True), 128 new tokens, fastest of 5 calls;
+# benchmarks/results/bench_gpu_nvidia_h200_run_decode_prefill_1a6c2f6.json), fused vs unfused:
+# b=1 1.50x vs 1.20x (1K context); b=8 1.28x vs 1.20x (1K), 1.30x vs 1.21x (8K); b=64 1.29x vs
+# 1.18x (1K), 1.23x vs 1.15x (8K). (Runs before it timed 32 tokens by the median, whose prefill noise
+# had b=8 the other way round.) Larger batches were not measured, so they keep the unfused step.
+FUSED_STEP_MAX_BATCH = 64
 _fused_step: bool | None = None
 
 
@@ -348,7 +351,7 @@ FUSED_CONV_ENV = "VLM_MAMBA_FUSED_CONV"
 
 
 def fused_conv_switch() -> bool:
-    """Where the fused step folds add + norm into in_proj (Mamba-1, b=1), the conv's one-token step
+    """Where the fused step folds add + norm into in_proj (Mamba-1, up to ``FUSED_STEP_MAX_BATCH``), the conv's one-token step
     runs in the same kernel's epilogue (``triton_step.add_rms_norm_linear`` with ``conv_weight``):
     one launch fewer a layer. On by default: on an H200 (base LM, d 768, 24 layers, b=1, 1K
     context) a decode step's kernels took 0.472 ms against 0.514 ms without it (graph replay,

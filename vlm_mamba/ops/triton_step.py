@@ -18,8 +18,9 @@ recompute the add and the norm of its row (d values: cheap) before its block of 
 product; the program of the first block writes the new residual. For small batches only (the
 decoding graph of one batch size): at large batches cuBLAS' GEMM reads the weights once.
 Together: five launches per Mamba-1 layer and token (add + norm + in_proj, conv update, x_proj,
-dt_proj + state update, out_proj) instead of seven.
-On at batch 1 by default (``vlm_mamba.ops.FUSED_STEP_MAX_BATCH``, where it measured faster);
+dt_proj + state update, out_proj) instead of seven; four with the conv update in in_proj's
+epilogue (``ops.fused_conv_switch``, on by default).
+On up to batch 64 by default (``vlm_mamba.ops.FUSED_STEP_MAX_BATCH``, where it measured faster);
 ``vlm_mamba.ops.set_fused_step(True / False)`` (or ``VLM_MAMBA_FUSED_STEP=1 / 0``) forces it.
 
 Shapes: ``b`` batch, ``e`` channels, ``n`` state size, ``r`` dt rank.
