@@ -190,3 +190,39 @@ def test_conv_step_in_the_in_proj_kernel_in_the_graph_equals_the_unfused_step(mo
     close(y.float(), y_ref.float(), 2e-2, 2e-2, what="add + norm + in_proj + conv kernel (bf16 out)")
     close(cs_k.float(), cs_r.float(), 2e-2, 2e-2, what="conv state (its newest slot: in_proj's x, bf16)")
     assert torch.equal(cs_k[..., :-1], cs_r[..., :-1])  # the shifted slots are copies
+
+
+@pytest.mark.skipif(
+    DRY, reason="Triton kernels need a GPU (under the interpreter: tests/test_triton_step.py)"
+)
+@pytest.mark.parametrize("warps", [None, 4])
+@pytest.mark.parametrize("b", [12, 64])
+def test_fused_step_kernels_above_eight_rows_equal_their_twins(b, warps):
+    """The fused step's kernels at batches above ops.FUSED_STEP_MAX_BATCH (beam search at 4 prompts x
+    3 beams is 12 rows; the state update then defaults to one warp a program), per element against
+    their PyTorch twins: the dt_proj + state update (y and the state in place) and the add + norm +
+    in_proj + conv kernel (outputs and the conv state)."""
+    from vlm_mamba.ops import triton_step
+
+    g = torch.Generator(device="cpu").manual_seed(b)
+    e, n, r = 200, 16, 13
+    rn = lambda *s: torch.randn(*s, generator=g).to(DEV)  # noqa: E731
+    dbc = rn(b, r + 2 * n).bfloat16()
+    xz = rn(b, 2 * e).bfloat16()
+    args = dict(x=rn(b, e).bfloat16(), dt_low=dbc[:, :r], dt_weight=rn(e, r) * 0.3, dt_bias=rn(e) * 0.5,
+                A=-torch.exp(rn(e, n) * 0.5), B=dbc[:, r:r + n], C=dbc[:, r + n:], D=rn(e), z=xz[:, e:])  # fmt: skip
+    s_k = rn(b, e, n)
+    s_r = s_k.clone()
+    y = triton_step.selective_state_update_dtproj_(s_k, **args, num_warps=warps)
+    y_ref = triton_step.selective_state_update_dtproj_ref(s_r, **args)
+    close(y.float(), y_ref.float(), 1e-2, 1e-2, what=f"fused step kernel y, b={b}, warps={warps}")
+    close(s_k, s_r, 1e-5, 1e-5, what=f"fused step kernel state, b={b}, warps={warps}")
+    h, res = rn(b, 300).bfloat16(), rn(b, 300)
+    nw, w = rn(300).abs() + 0.5, (rn(130, 300) * 0.1).bfloat16()
+    conv = dict(conv_weight=rn(60, 4) * 0.5, conv_bias=rn(60))
+    cs_k = rn(b, 60, 3).bfloat16()
+    cs_r = cs_k.clone()
+    y, _ = triton_step.add_rms_norm_linear(h, res, nw, 1e-5, w, conv_state=cs_k, **conv)
+    y_ref, _ = triton_step.add_rms_norm_linear_ref(h, res, nw, 1e-5, w, conv_state=cs_r, **conv)
+    close(y.float(), y_ref.float(), 2e-2, 2e-2, what=f"add + norm + in_proj + conv kernel, b={b}")
+    close(cs_k.float(), cs_r.float(), 2e-2, 2e-2, what=f"conv state, b={b}")

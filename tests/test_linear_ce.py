@@ -155,4 +155,6 @@ def test_chunked_loss_with_the_kernel_equals_the_plain_loss(kernel_results):
         r = kernel_results[f"loss chunk={chunk}"]
         for what in ("loss", "h", "w"):
             e, scale = r[what]
-            assert e <= 1e-6 * max(1.0, scale), (chunk, what, r)
+            # fp32 sums over chunks in another order: ~10 ulp (1.19e-6 at scale 1.09 was seen on
+            # one machine of the CI type); a wrong chunk boundary is off by the scale itself
+            assert e <= 4e-6 * max(1.0, scale), (chunk, what, r)

@@ -61,7 +61,7 @@ def test_state_scan_form_one_pass_for_short_eager_prefills_and_the_override(monk
 
     monkeypatch.delenv(T.STATE_SCAN_ENV, raising=False)
     assert T.state_scan_form(1, T.ONE_PASS_MAX_TOKENS) == "one_pass"
-    assert T.state_scan_form(8, T.ONE_PASS_MAX_TOKENS // 8 + 1) == "prefix"
+    assert T.state_scan_form(8, T.ONE_PASS_MAX_TOKENS // 8 + 1) == "two_pass"
     for value, form in (
         ("two_pass", "two_pass"),
         ("ONE_PASS", "one_pass"),
@@ -78,6 +78,6 @@ def test_state_scan_form_one_pass_for_short_eager_prefills_and_the_override(monk
     monkeypatch.setattr(T.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(T.torch.cuda, "is_current_stream_capturing", lambda: True)
     monkeypatch.delenv(T.STATE_SCAN_ENV)
-    assert T.state_scan_form(1, 16) == "prefix"
+    assert T.state_scan_form(1, 16) == "two_pass"
     monkeypatch.setenv(T.STATE_SCAN_ENV, "one_pass")
     assert T.state_scan_form(1, 16) == "one_pass"

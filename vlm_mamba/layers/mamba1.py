@@ -257,7 +257,7 @@ class MambaMixer(nn.Module):
     def _state_prefix_ok(self, x: Tensor, length: int) -> bool:
         """Whether a forward from a state takes the state-prefix form (``ops.state_prefix``): CUDA
         kernels, no autograd (the prefix is written in place), bf16/fp32 inputs, the form chosen
-        (``ops.triton_scan.state_scan_form``: captured prefills and long eager ones)."""
+        (``VLM_MAMBA_STATE_SCAN=prefix``; opt-in, see ``ops.triton_scan.state_scan_form``)."""
         from vlm_mamba.ops import triton_scan
 
         if torch.is_grad_enabled() or ops.kernel_family(self.kernel, x.device) != "cuda":

@@ -8,7 +8,7 @@ lack is added here without leaving the GPU:
   same decay times h0 on the last state); that term is added with plain tensor ops (autograd ok).
   Forward-only calls take a Triton kernel instead: the one-pass scan from h0 for short prefills,
   else the zero-state kernel + the h0 term (``triton_scan.state_scan_form`` says which, and why).
-  Mamba-1's mixer usually never gets here with a state on long or captured prefills: it writes the
+  With ``VLM_MAMBA_STATE_SCAN=prefix`` Mamba-1's mixer does not come here with a state: it writes the
   state into the sequence as prefix tokens (``ops.state_prefix``) and calls the zero-state kernel.
 - ``causal_conv1d_fn`` takes initial states only for channel-last inputs; only the first k-1
   outputs read them, so those are recomputed from a small window (exact for any layout, and the

@@ -16,8 +16,11 @@ are dropped. The conv state goes into the k-1 inputs just before the prompt, so 
 initial state either.
 
 ``vlm_mamba.layers.mamba1`` builds the prefix in the tensors it already has (the sequence grows by 2n
-columns before in_proj: one (b, l, d) copy a layer instead of the h0 pass); the tests check the
-construction against the reference scan on the CPU.
+columns before in_proj: one (b, l, d) copy a layer instead of the h0 pass) when
+``VLM_MAMBA_STATE_SCAN=prefix``; the tests check the construction against the reference scan on the
+CPU and the model's prefill with it on a GPU. Opt-in because it measured slower than the h0 pass on
+an H200 (``ops.triton_scan``'s notes: mamba_ssm's scan works in 2048-token chunks, so 4096 + 32
+tokens cost it 2.4x 4096), not because it is less exact.
 """
 
 from __future__ import annotations
