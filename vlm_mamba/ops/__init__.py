@@ -308,9 +308,10 @@ FUSED_STEP_ENV = "VLM_MAMBA_FUSED_STEP"
 # benchmarks/results/bench_gpu_nvidia_h200_run_decode_prefill_1a6c2f6.json), fused vs unfused:
 # b=1 1.50x vs 1.20x (1K context); b=8 1.28x vs 1.20x (1K), 1.30x vs 1.21x (8K); b=64 1.29x vs
 # 1.18x (1K), 1.23x vs 1.15x (8K). (Runs before it timed 32 tokens by the median, whose prefill noise
-# had b=8 the other way round.) Up to 8 rows only: above, the state update runs with one warp a
-# program, and there beam search (4 prompts x 3 beams) left the eager step's logits in a GPU test
-# (run eec371b), so larger batches keep the unfused step until that is found.
+# had b=8 the other way round.) Up to 8 rows only: with 64, beam search at 4 prompts x 3 beams (12
+# rows, fused) left the eager step's logits in a GPU test (run eec371b), while both fused kernels
+# alone equal their twins per element at 12 and 64 rows (run 4a2f87e): the fault is in how the
+# fused step meets the beam reorder, not found yet, so larger batches keep the unfused step.
 FUSED_STEP_MAX_BATCH = 8
 _fused_step: bool | None = None
 
