@@ -47,7 +47,7 @@ def _decode(lm, ids, decoder, **kw):
 
 @pytest.mark.parametrize("ssm", ["mamba1", "mamba2"])
 @pytest.mark.parametrize("mode", [{}, {"num_beams": 3}, {"do_sample": True, "top_k": 50, "seed": 3}])
-@pytest.mark.parametrize("batch", [1, 4])
+@pytest.mark.parametrize("batch", [1, 2, 4])
 def test_graph_decoding_equals_the_eager_step(ssm, mode, batch):
     lm = _lm(ssm)
     ids = torch.randint(3, 1000, (batch, 64), device=DEV)
