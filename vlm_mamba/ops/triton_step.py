@@ -20,7 +20,7 @@ decoding graph of one batch size): at large batches cuBLAS' GEMM reads the weigh
 Together: five launches per Mamba-1 layer and token (add + norm + in_proj, conv update, x_proj,
 dt_proj + state update, out_proj) instead of seven; four with the conv update in in_proj's
 epilogue (``ops.fused_conv_switch``, on by default).
-On up to batch 8 by default (``vlm_mamba.ops.FUSED_STEP_MAX_BATCH``, where it measured faster);
+On at batch 1 by default (``vlm_mamba.ops.FUSED_STEP_MAX_BATCH``; see its note for b=8 and 64);
 ``vlm_mamba.ops.set_fused_step(True / False)`` (or ``VLM_MAMBA_FUSED_STEP=1 / 0``) forces it.
 
 Shapes: ``b`` batch, ``e`` channels, ``n`` state size, ``r`` dt rank.
