@@ -127,6 +127,53 @@ def _fused_graph_matches_the_functional_step(batch: int, what: str) -> None:
         close(a, b, 2e-2, 5e-2, what=f"{what} {i}")
 
 
+def _dtproj_kernel_equals_its_twin(b: int, seed: int = 0, warps: int | None = None) -> None:
+    """The fused dt_proj + state update at ``b`` rows against its PyTorch twin per element (y and
+    the state updated in place), inputs laid out as the mixer's step makes them (views)."""
+    from vlm_mamba.ops import triton_step
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    e, n, r = 200, 16, 13
+    rn = lambda *s: torch.randn(*s, generator=g).to(DEV)  # noqa: E731
+    dbc = rn(b, r + 2 * n).bfloat16()
+    xz = rn(b, 2 * e).bfloat16()
+    args = dict(x=rn(b, e).bfloat16(), dt_low=dbc[:, :r], dt_weight=rn(e, r) * 0.3, dt_bias=rn(e) * 0.5,
+                A=-torch.exp(rn(e, n) * 0.5), B=dbc[:, r : r + n], C=dbc[:, r + n :], D=rn(e), z=xz[:, e:])  # fmt: skip
+    s_k = rn(b, e, n)
+    s_r = s_k.clone()
+    y = triton_step.selective_state_update_dtproj_(s_k, **args, num_warps=warps)
+    y_ref = triton_step.selective_state_update_dtproj_ref(s_r, **args)
+    close(y.float(), y_ref.float(), 1e-2, 1e-2, what=f"fused step kernel y (bf16 out), b={b}, warps={warps}")
+    close(s_k, s_r, 1e-5, 1e-5, what=f"fused step kernel state, b={b}, warps={warps}")
+
+
+def _in_proj_kernel_equals_its_twin(b: int, conv: bool, seed: int = 0) -> None:
+    """The add + norm + in_proj kernel at ``b`` rows (with the conv step in its epilogue when
+    ``conv``) against its PyTorch twin per element: outputs, the residual, the conv state in place."""
+    from vlm_mamba.ops import triton_step
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    rn = lambda *s: torch.randn(*s, generator=g).to(DEV)  # noqa: E731
+    h, res = rn(b, 300).bfloat16(), rn(b, 300)
+    nw, w = rn(300).abs() + 0.5, (rn(130, 300) * 0.1).bfloat16()
+    if not conv:
+        y, ro = triton_step.add_rms_norm_linear(h, res, nw, 1e-5, w)
+        y_ref, ro_ref = triton_step.add_rms_norm_linear_ref(h, res, nw, 1e-5, w)
+        close(y.float(), y_ref.float(), 2e-2, 2e-2, what=f"add + norm + in_proj kernel (bf16 out), b={b}")
+        assert torch.equal(ro, ro_ref)
+        return
+    cargs = dict(conv_weight=rn(60, 4) * 0.5, conv_bias=rn(60))
+    cs_k = rn(b, 60, 3).bfloat16()
+    cs_r = cs_k.clone()
+    y, _ = triton_step.add_rms_norm_linear(h, res, nw, 1e-5, w, conv_state=cs_k, **cargs)
+    y_ref, _ = triton_step.add_rms_norm_linear_ref(h, res, nw, 1e-5, w, conv_state=cs_r, **cargs)
+    close(y.float(), y_ref.float(), 2e-2, 2e-2, what=f"add + norm + in_proj + conv kernel (bf16 out), b={b}")
+    close(
+        cs_k.float(), cs_r.float(), 2e-2, 2e-2, what=f"conv state (its newest slot: in_proj's x, bf16), b={b}"
+    )
+    assert torch.equal(cs_k[..., :-1], cs_r[..., :-1])  # the shifted slots are copies
+
+
 @pytest.mark.skipif(
     DRY, reason="Triton kernels need a GPU (under the interpreter: tests/test_triton_step.py)"
 )
@@ -137,59 +184,26 @@ def test_fused_dtproj_step_in_the_graph_equals_the_unfused_step(batch, monkeypat
     of every step match the unfused functional step to bf16 rounding (the fused dt is accumulated in
     fp32), and both kernels equal their twins on CUDA per element."""
     from vlm_mamba import ops
-    from vlm_mamba.ops import triton_step
 
     monkeypatch.setenv(ops.FUSED_CONV_ENV, "0")  # the conv step as its own kernel (the other test folds it)
     _fused_graph_matches_the_functional_step(batch, "fused step")
-
-    g = torch.Generator(device="cpu").manual_seed(0)
-    b, e, n, r = 3, 200, 16, 13
-    rn = lambda *s: torch.randn(*s, generator=g).to(DEV)  # noqa: E731
-    dbc = rn(b, r + 2 * n).bfloat16()
-    xz = rn(b, 2 * e).bfloat16()
-    args = dict(x=rn(b, e).bfloat16(), dt_low=dbc[:, :r], dt_weight=rn(e, r) * 0.3, dt_bias=rn(e) * 0.5,
-                A=-torch.exp(rn(e, n) * 0.5), B=dbc[:, r : r + n], C=dbc[:, r + n :], D=rn(e), z=xz[:, e:])  # fmt: skip
-    s_k, s_r = rn(b, e, n), None
-    s_r = s_k.clone()
-    y = triton_step.selective_state_update_dtproj_(s_k, **args)
-    y_ref = triton_step.selective_state_update_dtproj_ref(s_r, **args)
-    close(y.float(), y_ref.float(), 1e-2, 1e-2, what="fused step kernel y (bf16 out)")
-    close(s_k, s_r, 1e-5, 1e-5, what="fused step kernel state")
-
-    h = rn(b, 300).bfloat16()
-    res = rn(b, 300)
-    nw, w = rn(300).abs() + 0.5, (rn(130, 300) * 0.1).bfloat16()
-    y, ro = triton_step.add_rms_norm_linear(h, res, nw, 1e-5, w)
-    y_ref, ro_ref = triton_step.add_rms_norm_linear_ref(h, res, nw, 1e-5, w)
-    close(y.float(), y_ref.float(), 2e-2, 2e-2, what="add + norm + in_proj kernel (bf16 out)")
-    assert torch.equal(ro, ro_ref)
+    _dtproj_kernel_equals_its_twin(3)
+    _in_proj_kernel_equals_its_twin(3, conv=False)
 
 
 @pytest.mark.skipif(
     DRY, reason="Triton kernels need a GPU (under the interpreter: tests/test_triton_step.py)"
 )
 def test_conv_step_in_the_in_proj_kernel_in_the_graph_equals_the_unfused_step(monkeypatch):
-    """VLM_MAMBA_FUSED_CONV=1 (the default) with the fused step at b=1: the conv's one-token step runs in the add +
-    norm + in_proj kernel's epilogue; the graph's logits match the unfused functional step to bf16
-    rounding, and the kernel equals its twin on CUDA (outputs and the conv state in place)."""
+    """VLM_MAMBA_FUSED_CONV=1 (the default) with the fused step at b=1: the conv's one-token step
+    runs in the add + norm + in_proj kernel's epilogue; the graph's logits match the unfused
+    functional step to bf16 rounding, and the kernel equals its twin on CUDA (outputs and the conv
+    state in place)."""
     from vlm_mamba import ops
-    from vlm_mamba.ops import triton_step
 
     monkeypatch.setenv(ops.FUSED_CONV_ENV, "1")
     _fused_graph_matches_the_functional_step(1, "fused conv step")
-
-    g = torch.Generator(device="cpu").manual_seed(0)
-    rn = lambda *s: torch.randn(*s, generator=g).to(DEV)  # noqa: E731
-    h, res = rn(1, 300).bfloat16(), rn(1, 300)
-    nw, w = rn(300).abs() + 0.5, (rn(130, 300) * 0.1).bfloat16()
-    conv = dict(conv_weight=rn(60, 4) * 0.5, conv_bias=rn(60))
-    cs_k = rn(1, 60, 3).bfloat16()
-    cs_r = cs_k.clone()
-    y, _ = triton_step.add_rms_norm_linear(h, res, nw, 1e-5, w, conv_state=cs_k, **conv)
-    y_ref, _ = triton_step.add_rms_norm_linear_ref(h, res, nw, 1e-5, w, conv_state=cs_r, **conv)
-    close(y.float(), y_ref.float(), 2e-2, 2e-2, what="add + norm + in_proj + conv kernel (bf16 out)")
-    close(cs_k.float(), cs_r.float(), 2e-2, 2e-2, what="conv state (its newest slot: in_proj's x, bf16)")
-    assert torch.equal(cs_k[..., :-1], cs_r[..., :-1])  # the shifted slots are copies
+    _in_proj_kernel_equals_its_twin(1, conv=True)
 
 
 @pytest.mark.skipif(
@@ -202,27 +216,5 @@ def test_fused_step_kernels_above_eight_rows_equal_their_twins(b, warps):
     3 beams is 12 rows; the state update then defaults to one warp a program), per element against
     their PyTorch twins: the dt_proj + state update (y and the state in place) and the add + norm +
     in_proj + conv kernel (outputs and the conv state)."""
-    from vlm_mamba.ops import triton_step
-
-    g = torch.Generator(device="cpu").manual_seed(b)
-    e, n, r = 200, 16, 13
-    rn = lambda *s: torch.randn(*s, generator=g).to(DEV)  # noqa: E731
-    dbc = rn(b, r + 2 * n).bfloat16()
-    xz = rn(b, 2 * e).bfloat16()
-    args = dict(x=rn(b, e).bfloat16(), dt_low=dbc[:, :r], dt_weight=rn(e, r) * 0.3, dt_bias=rn(e) * 0.5,
-                A=-torch.exp(rn(e, n) * 0.5), B=dbc[:, r:r + n], C=dbc[:, r + n:], D=rn(e), z=xz[:, e:])  # fmt: skip
-    s_k = rn(b, e, n)
-    s_r = s_k.clone()
-    y = triton_step.selective_state_update_dtproj_(s_k, **args, num_warps=warps)
-    y_ref = triton_step.selective_state_update_dtproj_ref(s_r, **args)
-    close(y.float(), y_ref.float(), 1e-2, 1e-2, what=f"fused step kernel y, b={b}, warps={warps}")
-    close(s_k, s_r, 1e-5, 1e-5, what=f"fused step kernel state, b={b}, warps={warps}")
-    h, res = rn(b, 300).bfloat16(), rn(b, 300)
-    nw, w = rn(300).abs() + 0.5, (rn(130, 300) * 0.1).bfloat16()
-    conv = dict(conv_weight=rn(60, 4) * 0.5, conv_bias=rn(60))
-    cs_k = rn(b, 60, 3).bfloat16()
-    cs_r = cs_k.clone()
-    y, _ = triton_step.add_rms_norm_linear(h, res, nw, 1e-5, w, conv_state=cs_k, **conv)
-    y_ref, _ = triton_step.add_rms_norm_linear_ref(h, res, nw, 1e-5, w, conv_state=cs_r, **conv)
-    close(y.float(), y_ref.float(), 2e-2, 2e-2, what=f"add + norm + in_proj + conv kernel, b={b}")
-    close(cs_k.float(), cs_r.float(), 2e-2, 2e-2, what=f"conv state, b={b}")
+    _dtproj_kernel_equals_its_twin(b, seed=b, warps=warps)
+    _in_proj_kernel_equals_its_twin(b, conv=True, seed=b)

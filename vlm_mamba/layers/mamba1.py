@@ -190,6 +190,18 @@ class MambaMixer(nn.Module):
             return F.linear(dt, self.dt_proj.weight), self.dt_proj.bias.float()
         return self.dt_proj(dt), None
 
+    def _delta_channels_first(self, dt: Tensor) -> tuple[Tensor, Tensor | None]:
+        """dt (b,l,r) (a view of x_proj's contiguous output) -> (delta (b,e,l), the bias for the
+        scan), as the CUDA scan reads it. With a plain dt_proj: (e,r) @ (r, b*l) viewed as (b,e,l),
+        mamba_ssm's layout, in memory (e,b,l) like xz; a batched (e,r) @ (b,r,l) came out
+        (b,l,e)-major and was copied (measured on an H200), and the scan's output, allocated like
+        delta, then cost out_proj a copy too. An adapter with active dropout is called instead."""
+        b, L, _ = dt.shape
+        if reads_weight_only(self.dt_proj):
+            delta = (self.dt_proj.weight @ dt.reshape(b * L, -1).t()).view(-1, b, L).transpose(0, 1)
+            return delta, self.dt_proj.bias.float()
+        return self.dt_proj(dt).transpose(1, 2), None
+
     def _forward(self, x: Tensor, lengths: Tensor | None, state: MixerState | None, return_state: bool):
         """x (b,l,d), padded rows compacted (real before ``lengths``, None = all real)."""
         b, L, _ = x.shape
@@ -230,14 +242,7 @@ class MambaMixer(nn.Module):
             dt, B, C = self.x_proj(xc.transpose(1, 2)).split(
                 [self.dt_rank, self.d_state, self.d_state], dim=-1
             )
-            if reads_weight_only(self.dt_proj):  # bias added in the scan
-                # (e,r) @ (r, b*l) viewed as (b,e,l): mamba_ssm's layout, in memory (e,b,l) like xz.
-                # A batched (e,r) @ (b,r,l) came out (b,l,e)-major and was copied (measured on an
-                # H200), and the scan's output, allocated like delta, then cost out_proj a copy too.
-                delta = (self.dt_proj.weight @ dt.reshape(b * L, -1).t()).view(-1, b, L).transpose(0, 1)
-                delta_bias = self.dt_proj.bias.float()
-            else:
-                delta, delta_bias = self.dt_proj(dt).transpose(1, 2), None
+            delta, delta_bias = self._delta_channels_first(dt)  # (b,e,l)
             if valid is not None:  # dt = softplus(-1e4 + bias) = 0 exactly at pads: exp(0*A) = 1 and no
                 # input, an identity step. Done before the scan so the scan keeps its fused bias + softplus.
                 delta = delta.masked_fill(~valid[:, None], PAD_DELTA)
@@ -288,11 +293,7 @@ class MambaMixer(nn.Module):
         xc = ops.causal_conv1d(xi, self.conv1d.weight[:, 0], self.conv1d.bias, kernel=self.kernel)
         x_dbl = self.x_proj(xc.transpose(1, 2))  # (b, V+l, r+2n)
         dt, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        if reads_weight_only(self.dt_proj):
-            delta = (self.dt_proj.weight @ dt.reshape(b * (V + L), -1).t()).view(-1, b, V + L).transpose(0, 1)
-            delta_bias = self.dt_proj.bias.float()
-        else:
-            delta, delta_bias = self.dt_proj(dt).transpose(1, 2), None
+        delta, delta_bias = self._delta_channels_first(dt)  # (b,e,V+l)
         u_v, d_v, B_v = state_prefix.prefix_inputs(state.ssm, A, delta_bias, xc.dtype)
         xc[:, :, :V] = u_v
         delta[:, :, :V] = d_v[:, None]

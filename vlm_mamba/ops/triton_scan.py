@@ -38,21 +38,22 @@ from vlm_mamba.ops._triton import available, tl, triton  # noqa: F401  (availabl
 # tokens before the prompt and mamba_ssm's scan from zero over both (``vlm_mamba.ops.state_prefix``,
 # taken by ``layers.mamba1``; where it cannot be, two passes; opt-in: measured slower, see
 # below); "auto" (unset) one pass up to ONE_PASS_MAX_TOKENS tokens (batch x length), two passes
-# above and whenever a CUDA graph is being captured. The h0 term's pass costs 0.67 ms a layer
-# against the scan's 0.82 at b=8, e=1536, 4K (run 1a6c2f6), so two passes stay ~1.5x the
-# zero-state prefill in device time; the prefix form avoids that pass, but at b=8 x 4096 tokens
-# mamba_ssm's scan over 4096 + 32 tokens took 2.1 ms a layer against 0.87 over 4096 (it works in
-# 2048-token chunks and specialises even lengths: 32 more tokens cost a third, ragged chunk), and
-# its in-place writes cost ~8 small launches a layer (b=8: 19.8 against 15.6 ms for two passes at
-# 1K; run eec371b). Measured on an H200 (base LM,
-# d 768, 24 layers; prefill tokens/s from the state / from zero; benchmarks/results/
-# bench_gpu_nvidia_h200_run_prefill_bd07cec.json): one pass 0.85 / 0.77 / 0.97x at
-# b=1, 256 / 1K / 4K tokens, and 1.10 / 0.91x at b=8, 256 / 1K, against two passes' 0.50 / 0.70 /
+# above and whenever a CUDA graph is being captured.
+#
+# Measured on an H200 (base LM, d 768, 24 layers; prefill tokens/s from the state / from zero;
+# benchmarks/results/bench_gpu_nvidia_h200_run_prefill_bd07cec.json): one pass 0.85 / 0.77 / 0.97x
+# at b=1, 256 / 1K / 4K tokens, and 1.10 / 0.91x at b=8, 256 / 1K, against two passes' 0.50 / 0.70 /
 # 0.85x and 0.97 / 0.73x; at b=8, 4K (32K tokens) one pass fell to 0.43x, two passes held 0.71x
 # (the one-pass grid has no parallelism over time: each program walks the whole length). Those
 # eager prefills are host-bound at these sizes (fewer launches win); in device time alone two passes
 # always won (kernels timed alone: b=1, 4K: 0.31 against 0.51 ms a layer; b=8, 1K: 0.38 against
 # 0.94), so a call captured in a CUDA graph (the VLM's prefill graphs) takes two passes.
+# The h0 term's pass costs 0.67 ms a layer against the scan's 0.82 at b=8, e=1536, 4K (run
+# 1a6c2f6), so two passes stay ~1.5x the zero-state prefill in device time. The prefix form avoids
+# that pass, but at b=8 x 4096 tokens mamba_ssm's scan over 4096 + 32 tokens took 2.1 ms a layer
+# against 0.87 over 4096 (it works in 2048-token chunks and specialises even lengths: 32 more tokens
+# cost a third, ragged chunk), and its in-place writes cost ~8 small launches a layer (b=8: 19.8
+# against 15.6 ms for two passes at 1K; run eec371b).
 STATE_SCAN_ENV = "VLM_MAMBA_STATE_SCAN"
 STATE_SCAN_FORMS = ("auto", "one_pass", "two_pass", "triton", "prefix")
 ONE_PASS_MAX_TOKENS = 8192
