@@ -114,6 +114,61 @@ for dtype in (torch.float32, torch.bfloat16):
             "state_moved": err(cs_k, cs)[0], "dtype": str(y.dtype),
         }  # fmt: skip
 
+# Mamba-2's layout: in_proj's outputs are z (e), x B C (c, the conv's channels), dt (h); the conv step
+# on the middle ones (conv_offset = e), blocks of 8 straddling both edges (e=21, c=37, h=5)
+for dtype in (torch.float32, torch.bfloat16):
+    g = torch.Generator().manual_seed(5)
+    b, d, e, c, nh = 2, 96, 21, 37, 5
+    o = e + c + nh
+    h = torch.randn(b, d, generator=g).to(dtype)
+    r = torch.randn(b, d, generator=g)
+    nw = torch.rand(d, generator=g) + 0.5
+    w = (torch.randn(o, d, generator=g) * 0.1).to(dtype)
+    cw, cb = torch.randn(c, 4, generator=g) * 0.5, torch.randn(c, generator=g)
+    cs = torch.randn(b, c, 3, generator=g).to(dtype)
+    cs_k, cs_r, cs_u = cs.clone(), cs.clone(), cs.clone()
+    conv = dict(conv_weight=cw, conv_bias=cb, conv_offset=e)
+    y, _ = T.add_rms_norm_linear(h, r, nw, 1e-5, w, conv_state=cs_k, **conv)
+    yr, _ = T.add_rms_norm_linear_ref(h, r, nw, 1e-5, w, conv_state=cs_r, **conv)
+    normed, _ = ops.add_rms_norm(h, r, nw.to(dtype), 1e-5, True, kernel="torch")
+    zxbcdt = F.linear(normed, w)
+    xc = ops.causal_conv1d_update_(zxbcdt[:, e : e + c].contiguous(), cs_u, cw, cb, kernel="torch")
+    yu = torch.cat([zxbcdt[:, :e], xc, zxbcdt[:, e + c :]], dim=-1)
+    out[f"norm_linear_conv offset {dtype}"] = {
+        "y_err": err(y, yr)[0], "y_scale": err(y, yr)[1], "state_err": err(cs_k, cs_r)[0],
+        "unfused_err": err(yr, yu)[0], "state_unfused_err": err(cs_r, cs_u)[0],
+        "z_dt_err": max(err(y[:, :e], yu[:, :e])[0], err(y[:, e + c :], yu[:, e + c :])[0]),
+        "state_moved": err(cs_k, cs)[0], "dtype": str(y.dtype),
+    }  # fmt: skip
+try:
+    T.add_rms_norm_linear(h, r, nw, 1e-5, w, conv_state=cs.clone(), conv_weight=cw, conv_offset=o - c + 1)
+    out["conv_offset_past_end"] = "no error"
+except ValueError as ex:
+    out["conv_offset_past_end"] = str(ex)
+
+# Mamba-2's gated RMSNorm + out_proj: with and without z, the norm before or after the gate, fp32,
+# bf16, and fp32 activations into a bf16 product (autocast); e=300 spans two 256-wide blocks
+for gate, before, (ydt, odt) in [
+    (True, False, (torch.float32, torch.float32)),
+    (True, True, (torch.float32, torch.float32)),
+    (False, False, (torch.float32, torch.float32)),
+    (True, False, (torch.bfloat16, torch.bfloat16)),
+    (True, False, (torch.float32, torch.bfloat16)),
+]:
+    g = torch.Generator().manual_seed(6)
+    b, e, o = 3, 300, 70
+    zy = torch.randn(b, 2 * e, generator=g).to(ydt)  # z a strided view, as _split makes it
+    y, z = zy[:, e:], (zy[:, :e] if gate else None)
+    nw = torch.rand(e, generator=g) + 0.5
+    w = (torch.randn(o, e, generator=g) * 0.1).to(odt)
+    k = T.rms_norm_gated_linear(y, z, nw, 1e-5, w, before, odt)
+    ref = T.rms_norm_gated_linear_ref(y, z, nw, 1e-5, w, before, odt)
+    # the unfused path: ops.rms_norm_gated's torch twin, then out_proj
+    u = F.linear(ops.rms_norm_gated(y, nw.to(ydt), z, 1e-5, None, before, kernel="torch").to(odt), w)
+    out[f"gated_norm_linear z={gate} before={before} {ydt}->{odt}"] = {
+        "err": err(k, ref)[0], "scale": err(k, ref)[1], "unfused_err": err(ref, u)[0], "dtype": str(k.dtype),
+    }  # fmt: skip
+
 try:
     T.selective_state_update_dtproj_(**case(n=12))
     out["n12"] = "no error"

@@ -105,13 +105,13 @@ def test_graph_under_autocast_with_fp32_weights_equals_the_eager_step():
         close(a, b, 1e-2, 2e-2, what="autocast")
 
 
-def _fused_graph_matches_the_functional_step(batch: int, what: str) -> None:
-    """Mamba-1 decoded with ops.set_fused_step(True) in a fresh graph (the kernels the environment
+def _fused_graph_matches_the_functional_step(batch: int, what: str, ssm: str = "mamba1") -> None:
+    """The LM decoded with ops.set_fused_step(True) in a fresh graph (the kernels the environment
     selects): >= 90% of the greedy tokens and the first 4 steps' logits, to bf16 rounding, equal the
     unfused functional step's."""
     from vlm_mamba import ops
 
-    lm = _lm("mamba1")
+    lm = _lm(ssm)
     ids = torch.randint(3, 1000, (batch, 64), device=DEV)
     kw = dict(max_new_tokens=12, eos_token_id=None)
     ref, ref_logits = _decode(lm, ids, "functional", **kw)
@@ -218,3 +218,44 @@ def test_fused_step_kernels_above_eight_rows_equal_their_twins(b, warps):
     in_proj + conv kernel (outputs and the conv state)."""
     _dtproj_kernel_equals_its_twin(b, seed=b, warps=warps)
     _in_proj_kernel_equals_its_twin(b, conv=True, seed=b)
+
+
+def _mamba2_kernels_equal_their_twins(b: int, seed: int = 0) -> None:
+    """Mamba-2's fused kernels on CUDA per element against their twins: add + norm + in_proj with the
+    conv step on x B C (conv_offset = e; z and dt untouched) and the gated norm + out_proj."""
+    from vlm_mamba.ops import triton_step
+
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    rn = lambda *s: torch.randn(*s, generator=g).to(DEV)  # noqa: E731
+    e, c, nh, d = 96, 96 + 2 * 64, 3, 160
+    h, res = rn(b, d).bfloat16(), rn(b, d)
+    nw, w = rn(d).abs() + 0.5, (rn(e + c + nh, d) * 0.1).bfloat16()
+    cargs = dict(conv_weight=rn(c, 4) * 0.5, conv_bias=rn(c), conv_offset=e)
+    cs_k = rn(b, c, 3).bfloat16()
+    cs_r = cs_k.clone()
+    y, _ = triton_step.add_rms_norm_linear(h, res, nw, 1e-5, w, conv_state=cs_k, **cargs)
+    y_ref, _ = triton_step.add_rms_norm_linear_ref(h, res, nw, 1e-5, w, conv_state=cs_r, **cargs)
+    close(y.float(), y_ref.float(), 2e-2, 2e-2, what=f"Mamba-2 add + norm + in_proj + conv (bf16), b={b}")
+    close(cs_k.float(), cs_r.float(), 2e-2, 2e-2, what=f"Mamba-2 conv state, b={b}")
+    yz = rn(b, 2 * e).bfloat16()
+    nw2, w2 = rn(e).abs() + 0.5, (rn(d, e) * 0.1).bfloat16()
+    o = triton_step.rms_norm_gated_linear(yz[:, e:], yz[:, :e], nw2, 1e-5, w2)
+    o_ref = triton_step.rms_norm_gated_linear_ref(yz[:, e:], yz[:, :e], nw2, 1e-5, w2)
+    close(o.float(), o_ref.float(), 2e-2, 2e-2, what=f"gated norm + out_proj (bf16), b={b}")
+
+
+@pytest.mark.skipif(
+    DRY, reason="Triton kernels need a GPU (under the interpreter: tests/test_triton_step.py)"
+)
+@pytest.mark.parametrize("conv", ["1", "0"])
+def test_mamba2_fused_step_in_the_graph_equals_the_unfused_step(conv, monkeypatch):
+    """Mamba-2 at b=1 with the fused step (the default there): the block's add + norm, in_proj and
+    (VLM_MAMBA_FUSED_CONV=1) the conv step in one kernel, the gated norm and out_proj in another; the
+    graph's tokens and logits match the unfused functional step to bf16 rounding, and the kernels
+    equal their twins on CUDA."""
+    from vlm_mamba import ops
+
+    monkeypatch.setenv(ops.FUSED_CONV_ENV, conv)
+    _fused_graph_matches_the_functional_step(1, f"Mamba-2 fused step conv={conv}", ssm="mamba2")
+    _mamba2_kernels_equal_their_twins(1)
+    _mamba2_kernels_equal_their_twins(5, seed=1)

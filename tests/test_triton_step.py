@@ -69,3 +69,44 @@ def test_add_norm_linear_with_the_conv_step_equals_its_twin_and_the_unfused_ops(
     assert out["state_err"] <= (2e-5 if fp32 else 2e-2) * max(1.0, out["y_scale"]), out
     assert out["state_unfused_err"] <= (2e-5 if fp32 else 2e-2) * max(1.0, out["y_scale"]), out
     assert out["unfused_err"] <= (2e-5 if fp32 else 6e-2) * max(1.0, out["y_scale"]), out
+
+
+@pytest.mark.parametrize("dtype", ["torch.float32", "torch.bfloat16"])
+def test_the_conv_step_at_an_offset_serves_mamba2s_in_proj_layout(results, dtype):
+    """Mamba-2's in_proj writes z, then x B C (the conv's channels), then dt: with conv_offset = e the
+    conv step takes the middle outputs only (z and dt pass through as in_proj wrote them), against the
+    twin and the unfused ops, the conv state updated in place."""
+    out = results[f"norm_linear_conv offset {dtype}"]
+    assert out["dtype"] == dtype and out["state_moved"] > 0, out
+    fp32 = dtype == "torch.float32"
+    tol = (2e-5 if fp32 else 2e-2) * max(1.0, out["y_scale"])
+    assert out["y_err"] <= tol and out["state_err"] <= tol and out["state_unfused_err"] <= tol, out
+    assert out["z_dt_err"] <= tol, out
+    assert out["unfused_err"] <= (2e-5 if fp32 else 6e-2) * max(1.0, out["y_scale"]), out
+
+
+def test_a_conv_offset_past_in_projs_outputs_is_refused(results):
+    assert (
+        "offset" in results["conv_offset_past_end"]
+        and "in_proj outputs 63" in results["conv_offset_past_end"]
+    )
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "z=True before=False torch.float32->torch.float32",
+        "z=True before=True torch.float32->torch.float32",
+        "z=False before=False torch.float32->torch.float32",
+        "z=True before=False torch.bfloat16->torch.bfloat16",
+        "z=True before=False torch.float32->torch.bfloat16",
+    ],
+)
+def test_gated_norm_out_proj_equals_its_twin_and_the_unfused_ops(results, case):
+    """Mamba-2's gated RMSNorm and out_proj in one kernel against its twin and against
+    ops.rms_norm_gated's torch twin followed by F.linear, per element (bf16: a rounding apart)."""
+    out = results[f"gated_norm_linear {case}"]
+    assert out["dtype"] == case.split("->")[1], out
+    fp32 = case.endswith("torch.float32")
+    assert out["err"] <= (2e-5 if fp32 else 2e-2) * max(1.0, out["scale"]), out
+    assert out["unfused_err"] <= (2e-5 if fp32 else 2e-2) * max(1.0, out["scale"]), out

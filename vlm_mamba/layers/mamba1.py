@@ -334,6 +334,10 @@ class MambaMixer(nn.Module):
             and ops.fused_step_enabled(x, self.kernel)
         )
 
+    def fused_conv_args(self, state: MixerState) -> dict:
+        """The conv step's arguments to ``add_rms_norm_linear`` (its channels: in_proj's x half)."""
+        return dict(conv_state=state.conv, conv_weight=self.conv1d.weight[:, 0], conv_bias=self.conv1d.bias)
+
     def step_xz_(
         self, xz: Tensor, state: MixerState, A: Tensor | None = None, conv_done: bool = False
     ) -> Tensor:

@@ -15,7 +15,14 @@ import torch
 from torch import Tensor, nn
 
 from vlm_mamba import ops
-from vlm_mamba.layers.mamba1 import PAD_DELTA, _keep_masked, init_dt_bias, reads_weight_only, run_compacted
+from vlm_mamba.layers.mamba1 import (
+    FUSED_NORM_LINEAR_MAX_BATCH,
+    PAD_DELTA,
+    _keep_masked,
+    init_dt_bias,
+    reads_weight_only,
+    run_compacted,
+)
 from vlm_mamba.layers.norm import RMSNormGated
 from vlm_mamba.layers.state import MixerState
 
@@ -181,19 +188,63 @@ class Mamba2Mixer(nn.Module):
 
     def step_(self, x: Tensor, state: MixerState, A: Tensor | None = None) -> Tensor:
         """One token with ``state`` updated in place: x (b,d) -> y (b,d) (see ``MambaMixer.step_``)."""
-        b = x.shape[0]
-        h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
-        z, xBC, dt = self._split(self.in_proj(x))  # (b,e) (b,c) (b,h)
-        xBC = ops.causal_conv1d_update_(
-            xBC, state.conv, self.conv1d.weight[:, 0], self.conv1d.bias, kernel=self.kernel
+        return self.step_xz_(self.in_proj(x), state, A)
+
+    def fused_in_proj_ok(self, x: Tensor) -> bool:
+        """Whether the block may fold its add + norm (and the conv step) into in_proj for a decode step,
+        as ``MambaMixer.fused_in_proj_ok``."""
+        return (
+            x.shape[0] <= FUSED_NORM_LINEAR_MAX_BATCH
+            and self.in_proj.bias is None
+            and reads_weight_only(self.in_proj)
+            and ops.fused_step_enabled(x, self.kernel)
         )
+
+    def fused_conv_args(self, state: MixerState) -> dict:
+        """The conv step's arguments to ``add_rms_norm_linear``: its channels are x, B, C, after z."""
+        return dict(
+            conv_state=state.conv, conv_weight=self.conv1d.weight[:, 0], conv_bias=self.conv1d.bias,
+            conv_offset=self.d_inner,
+        )  # fmt: skip
+
+    def _fused_norm_out_ok(self, y: Tensor) -> bool:
+        """The gated norm and out_proj as one kernel (``triton_step.rms_norm_gated_linear``): the fused
+        step on, a small batch, one norm group, a plain out_proj without bias."""
+        return (
+            y.shape[0] <= FUSED_NORM_LINEAR_MAX_BATCH
+            and self.ngroups == 1
+            and self.out_proj.bias is None
+            and reads_weight_only(self.out_proj)
+            and ops.fused_step_enabled(y, self.kernel)
+        )
+
+    def step_xz_(
+        self, zxbcdt: Tensor, state: MixerState, A: Tensor | None = None, conv_done: bool = False
+    ) -> Tensor:
+        """:meth:`step_` after in_proj: zxbcdt (b, e+c+h) -> y (b,d), ``state`` updated in place.
+        ``conv_done``: the x, B, C part is already the conv's output (``add_rms_norm_linear``)."""
+        b = zxbcdt.shape[0]
+        h, p, g, n = self.nheads, self.headdim, self.ngroups, self.d_state
+        z, xBC, dt = self._split(zxbcdt)  # (b,e) (b,c) (b,h)
+        if not conv_done:
+            xBC = ops.causal_conv1d_update_(
+                xBC, state.conv, self.conv1d.weight[:, 0], self.conv1d.bias, kernel=self.kernel
+            )
         xs, B, C = xBC.split([self.d_inner, g * n, g * n], dim=-1)
         y = ops.selective_state_update_(
             state.ssm, xs.reshape(b, h, p), dt[..., None].expand(b, h, p), self.decode_A() if A is None else A,
             B.reshape(b, g, n), C.reshape(b, g, n), D=self.D[:, None].expand(h, p), z=None,
             dt_bias=self.dt_bias[:, None].expand(h, p), dt_softplus=True, kernel=self.kernel,
-        )  # fmt: skip
-        return self.out_proj(self.norm(y.reshape(b, self.d_inner), z))
+        ).reshape(b, self.d_inner)  # fmt: skip
+        if self._fused_norm_out_ok(y):
+            from vlm_mamba.ops import triton_step
+
+            w = self.out_proj.weight
+            out_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else w.dtype
+            return triton_step.rms_norm_gated_linear(
+                y, z, self.norm.weight, self.norm.eps, w, self.norm.norm_before_gate, out_dtype
+            )
+        return self.out_proj(self.norm(y, z))
 
     def step(self, x: Tensor, state: MixerState, mask: Tensor | None = None) -> tuple[Tensor, MixerState]:
         """One token: x (b,d) -> (y (b,d), new MixerState). Rows with mask (b,) False keep their state."""

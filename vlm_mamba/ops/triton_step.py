@@ -92,7 +92,7 @@ if triton is not None:
     @triton.jit
     def _add_norm_linear_kernel(
         h_ptr, r_ptr, nw_ptr, w_ptr, out_ptr, res_out_ptr, cs_ptr, cw_ptr, cb_ptr,
-        D, NOUT, eps, E_CONV,
+        D, NOUT, eps, E_CONV, CONV_LO,
         s_h_b, s_h_d, s_r_b, s_r_d, s_w_o, s_w_d, s_o_b, s_o_o, s_ro_b, s_ro_d,
         s_cs_b, s_cs_e, s_cs_k, s_cw_e, s_cw_k,
         BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, HAS_RES: tl.constexpr, NORM_DTYPE: tl.constexpr,
@@ -130,21 +130,22 @@ if triton is not None:
                 w_ptr + o[:, None] * s_w_o + d[None, :] * s_w_d, mask=o_ok[:, None] & d_ok[None, :], other=0.0
             ).to(tl.float32)  # (BO, BD)
             acc += tl.sum(w * x[None, :], axis=1)
-        if HAS_CONV:  # the first E_CONV outputs (in_proj's x half) go through the conv step, in place
+        if HAS_CONV:  # outputs CONV_LO .. CONV_LO + E_CONV (the conv's channels) take its step, in place
             xo = acc.to(out_ptr.dtype.element_ty).to(tl.float32)  # as in_proj writes x
-            is_x = o_ok & (o < E_CONV)
+            oc = o - CONV_LO  # the conv channel
+            is_x = o_ok & (oc >= 0) & (oc < E_CONV)
             j = tl.arange(0, KPAD)
-            cs = cs_ptr + pid_b * s_cs_b + o[:, None] * s_cs_e
+            cs = cs_ptr + pid_b * s_cs_b + oc[:, None] * s_cs_e
             st = tl.load(cs + j[None, :] * s_cs_k, mask=is_x[:, None] & (j[None, :] < KW - 1), other=0.0)
             win = tl.where(j[None, :] == KW - 1, xo[:, None], st.to(tl.float32))  # the k inputs
             cw = tl.load(
-                cw_ptr + o[:, None] * s_cw_e + j[None, :] * s_cw_k,
+                cw_ptr + oc[:, None] * s_cw_e + j[None, :] * s_cw_k,
                 mask=is_x[:, None] & (j[None, :] < KW),
                 other=0.0,
             ).to(tl.float32)
             c = tl.sum(win * cw, axis=1)
             if HAS_CB:
-                c += tl.load(cb_ptr + o, mask=is_x, other=0.0).to(tl.float32)
+                c += tl.load(cb_ptr + oc, mask=is_x, other=0.0).to(tl.float32)
             c = c * tl.sigmoid(c)  # silu
             # the state shifts left by one and takes the new input last (causal_conv1d_update's way)
             nxt = tl.load(
@@ -156,7 +157,7 @@ if triton is not None:
                 new.to(cs_ptr.dtype.element_ty),
                 mask=is_x[:, None] & (j[None, :] < KW - 1),
             )
-            acc = tl.where(o < E_CONV, c, acc)
+            acc = tl.where(is_x, c, acc)
         tl.store(out_ptr + pid_b * s_o_b + o * s_o_o, acc.to(out_ptr.dtype.element_ty), mask=o_ok)
 
 
@@ -176,16 +177,18 @@ def add_rms_norm_linear(
     conv_state: Tensor | None = None,
     conv_weight: Tensor | None = None,
     conv_bias: Tensor | None = None,
+    conv_offset: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """(hidden + residual) -> (RMSNorm(it) @ weight^T, it): a block's add + norm and in_proj in one
     kernel. hidden (b,d), residual (b,d) or None, norm_weight (d,), weight (o,d). Returns (out (b,o)
     in ``out_dtype`` (default hidden's), the new residual (b,d), fp32 with ``residual_in_fp32``).
     The normed row is rounded to ``out_dtype`` before the product, as the unfused norm's output is.
 
-    With ``conv_weight`` (e,k) (and ``conv_state`` (b,e,k-1), ``conv_bias`` (e,) or None), the first
-    e outputs (Mamba-1's x half of in_proj) also take the causal conv's one-token step with SiLU,
-    ``causal_conv1d_update``'s arithmetic (fp32, x rounded to ``out_dtype`` first): out[:, :e] is the
-    conv's output and ``conv_state`` is updated in place, one launch fewer per layer and token.
+    With ``conv_weight`` (e,k) (and ``conv_state`` (b,e,k-1), ``conv_bias`` (e,) or None), the e
+    outputs from ``conv_offset`` on (Mamba-1's x half of in_proj at 0, Mamba-2's x, B, C after z at
+    d_inner) also take the causal conv's one-token step with SiLU, ``causal_conv1d_update``'s
+    arithmetic (fp32, x rounded to ``out_dtype`` first): out[:, offset:offset + e] is the conv's
+    output and ``conv_state`` is updated in place, one launch fewer per layer and token.
 
     ``block_o`` output rows per program: the product is a matrix-vector one, bound by reading W,
     so it needs programs on every SM (64 rows a program, 48 programs at o=3072, took 16 us a layer
@@ -214,15 +217,22 @@ def add_rms_norm_linear(
     has_conv = conv_weight is not None
     if has_conv:
         e, k = conv_weight.shape
-        if conv_state is None or conv_state.shape != (b, e, k - 1) or e > o or k < 2:
+        if (
+            conv_state is None
+            or conv_state.shape != (b, e, k - 1)
+            or conv_offset < 0
+            or conv_offset + e > o
+            or k < 2
+        ):
             raise ValueError(
                 f"conv: weight {tuple(conv_weight.shape)}, state "
-                f"{None if conv_state is None else tuple(conv_state.shape)}, in_proj outputs {o}, batch {b}"
+                f"{None if conv_state is None else tuple(conv_state.shape)}, offset {conv_offset}, "
+                f"in_proj outputs {o}, batch {b}"
             )
     cs, cw = (conv_state, conv_weight) if has_conv else (out, weight)  # never read without the conv
     _add_norm_linear_kernel[(b, triton.cdiv(o, block_o))](
         hidden, rr, norm_weight, weight, out, res_out, cs, cw, conv_bias if conv_bias is not None else cw,
-        d, o, eps, conv_weight.shape[0] if has_conv else 0,
+        d, o, eps, conv_weight.shape[0] if has_conv else 0, conv_offset,
         *hidden.stride(), *rr.stride(), *weight.stride(), *out.stride(), *res_out.stride(),
         *(cs.stride() if has_conv else (0, 0, 0)), *cw.stride(),
         BLOCK_D=min(256, triton.next_power_of_2(d)), BLOCK_O=block_o, HAS_RES=residual is not None,
@@ -244,6 +254,7 @@ def add_rms_norm_linear_ref(
     conv_state: Tensor | None = None,
     conv_weight: Tensor | None = None,
     conv_bias: Tensor | None = None,
+    conv_offset: int = 0,
 ) -> tuple[Tensor, Tensor]:
     """The plain twin of :func:`add_rms_norm_linear` (``conv_state`` updated in place)."""
     out_dtype = out_dtype or hidden.dtype
@@ -251,13 +262,127 @@ def add_rms_norm_linear_ref(
     x = (r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()).to(out_dtype)
     out = (x.float() @ weight.float().t()).to(out_dtype)
     if conv_weight is not None:
-        e = conv_weight.shape[0]
-        win = torch.cat([conv_state.float(), out[:, :e].float()[..., None]], dim=-1)  # (b,e,k)
+        e, lo = conv_weight.shape[0], conv_offset
+        win = torch.cat([conv_state.float(), out[:, lo : lo + e].float()[..., None]], dim=-1)  # (b,e,k)
         c = (win * conv_weight.float()).sum(-1) + (conv_bias.float() if conv_bias is not None else 0.0)
         conv_state.copy_(win[..., 1:])
-        out = torch.cat([F.silu(c).to(out_dtype), out[:, e:]], dim=-1)
+        out = torch.cat([out[:, :lo], F.silu(c).to(out_dtype), out[:, lo + e :]], dim=-1)
     res = r if residual_in_fp32 else r.to(residual.dtype if residual is not None else hidden.dtype)
     return out, res
+
+
+if triton is not None:
+
+    @triton.jit
+    def _gated_norm_linear_kernel(
+        y_ptr, z_ptr, nw_ptr, w_ptr, out_ptr,
+        E, NOUT, eps,
+        s_y_b, s_y_e, s_z_b, s_z_e, s_w_o, s_w_e, s_o_b, s_o_o,
+        BLOCK_E: tl.constexpr, BLOCK_O: tl.constexpr, HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
+        Y_DTYPE: tl.constexpr, MM_DTYPE: tl.constexpr,
+    ):  # fmt: skip
+        pid_b = tl.program_id(0)
+        pid_o = tl.program_id(1)
+        # pass 1: the row's sum of squares (of y * silu(z), or of y with the norm before the gate)
+        sq = tl.zeros((BLOCK_E,), dtype=tl.float32)
+        for e0 in range(0, E, BLOCK_E):
+            e = e0 + tl.arange(0, BLOCK_E)
+            e_ok = e < E
+            v = tl.load(y_ptr + pid_b * s_y_b + e * s_y_e, mask=e_ok, other=0.0).to(tl.float32)
+            if HAS_Z and not NORM_BEFORE_GATE:
+                z = tl.load(z_ptr + pid_b * s_z_b + e * s_z_e, mask=e_ok, other=0.0).to(tl.float32)
+                v = v * z * tl.sigmoid(z)
+            sq += v * v
+        rstd = 1.0 / tl.sqrt(tl.sum(sq, axis=0) / E + eps)
+        # pass 2: the normed row, rounded as the unfused norm writes it (and as out_proj reads it)
+        o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
+        o_ok = o < NOUT
+        acc = tl.zeros((BLOCK_O,), dtype=tl.float32)
+        for e0 in range(0, E, BLOCK_E):
+            e = e0 + tl.arange(0, BLOCK_E)
+            e_ok = e < E
+            v = tl.load(y_ptr + pid_b * s_y_b + e * s_y_e, mask=e_ok, other=0.0).to(tl.float32)
+            if HAS_Z:
+                z = tl.load(z_ptr + pid_b * s_z_b + e * s_z_e, mask=e_ok, other=0.0).to(tl.float32)
+                if NORM_BEFORE_GATE:
+                    v = (
+                        v
+                        * rstd
+                        * tl.load(nw_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
+                        * (z * tl.sigmoid(z))
+                    )
+                else:
+                    v = (
+                        v
+                        * z
+                        * tl.sigmoid(z)
+                        * rstd
+                        * tl.load(nw_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
+                    )
+            else:
+                v = v * rstd * tl.load(nw_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
+            x = v.to(Y_DTYPE).to(MM_DTYPE).to(tl.float32)
+            w = tl.load(
+                w_ptr + o[:, None] * s_w_o + e[None, :] * s_w_e, mask=o_ok[:, None] & e_ok[None, :], other=0.0
+            ).to(tl.float32)  # (BO, BE)
+            acc += tl.sum(w * x[None, :], axis=1)
+        tl.store(out_ptr + pid_b * s_o_b + o * s_o_o, acc.to(out_ptr.dtype.element_ty), mask=o_ok)
+
+
+def rms_norm_gated_linear(
+    y: Tensor,
+    z: Tensor | None,
+    norm_weight: Tensor,
+    eps: float,
+    weight: Tensor,
+    norm_before_gate: bool = False,
+    out_dtype: torch.dtype | None = None,
+    block_o: int = 8,
+    num_warps: int = 8,
+) -> Tensor:
+    """Mamba-2's gated RMSNorm (one group) and out_proj in one kernel: y, z (b,e), norm_weight (e,),
+    weight (o,e) -> (b,o) in ``out_dtype`` (default y's). The normed row is rounded to y's dtype (the
+    norm's output) and to ``out_dtype`` (out_proj's input under autocast) before the product, as in
+    the unfused pair. Like :func:`add_rms_norm_linear` each program (a row and ``block_o`` outputs)
+    recomputes the row's statistic (e values) before its block of the matrix-vector product:
+    one launch instead of two, for small batches."""
+    if triton is None:
+        raise RuntimeError("the fused decode step needs triton")
+    b, e = y.shape
+    o = weight.shape[0]
+    out_dtype = out_dtype or y.dtype
+    if weight.shape[1] != e or norm_weight.shape != (e,) or (z is not None and z.shape != (b, e)):
+        raise ValueError(
+            f"shapes: y {tuple(y.shape)}, z {None if z is None else tuple(z.shape)}, "
+            f"norm_weight {tuple(norm_weight.shape)}, weight {tuple(weight.shape)}"
+        )
+    out = torch.empty(b, o, dtype=out_dtype, device=y.device)
+    zz = z if z is not None else y
+    _gated_norm_linear_kernel[(b, triton.cdiv(o, block_o))](
+        y, zz, norm_weight, weight, out, e, o, eps,
+        *y.stride(), *zz.stride(), *weight.stride(), *out.stride(),
+        BLOCK_E=min(256, triton.next_power_of_2(e)), BLOCK_O=block_o, HAS_Z=z is not None,
+        NORM_BEFORE_GATE=norm_before_gate, Y_DTYPE=getattr(tl, _TL_DTYPES[y.dtype]),
+        MM_DTYPE=getattr(tl, _TL_DTYPES[out_dtype]), num_warps=num_warps,
+    )  # fmt: skip
+    return out
+
+
+def rms_norm_gated_linear_ref(
+    y: Tensor,
+    z: Tensor | None,
+    norm_weight: Tensor,
+    eps: float,
+    weight: Tensor,
+    norm_before_gate: bool = False,
+    out_dtype: torch.dtype | None = None,
+) -> Tensor:
+    """The plain twin of :func:`rms_norm_gated_linear` (the reference gated norm, then the product)."""
+    from vlm_mamba.ops.reference import rms_norm_gated_ref
+
+    out_dtype = out_dtype or y.dtype
+    x = rms_norm_gated_ref(y, norm_weight, z, eps, None, norm_before_gate).to(y.dtype)
+    return (x.to(out_dtype).float() @ weight.float().t()).to(out_dtype)
 
 
 def selective_state_update_dtproj_(
