@@ -7,7 +7,10 @@ Rows, at the decode section's shape (d 768, e 1536, n 16, dt_rank 48, bf16) and 
 - ``add_rms_norm_linear`` (add + RMSNorm + in_proj in one kernel) for each (block_o, num_warps)
   against mamba_ssm's fused add + RMSNorm followed by cuBLAS's in_proj (``F.linear``);
 - ``selective_state_update_dtproj_`` (dt_proj inside the state update) for each (block_e,
-  num_warps) against ``F.linear`` (dt_proj) + mamba_ssm's ``selective_state_update``.
+  num_warps) against ``F.linear`` (dt_proj) + mamba_ssm's ``selective_state_update``;
+- Mamba-2 (n 128, 24 heads): ``rms_norm_gated_linear`` (gated RMSNorm + out_proj) against mamba_ssm's
+  gated ``rmsnorm_fn`` + cuBLAS, and ``add_rms_norm_linear`` with the conv step on x B C against
+  add + norm, cuBLAS and ``causal_conv1d_update``.
 
 Each variant is captured as one graph of ``--calls`` launches; the time is a replay's median over
 ``--reps`` divided by ``--calls``. Prints a table, writes JSON. CUDA only.
@@ -105,6 +108,53 @@ def main() -> None:
             ),
         )  # fmt: skip
 
+    def mamba2_rows(b: int) -> list[dict]:
+        """Mamba-2 (d 768, e 1536, n 128, 24 heads): the gated RMSNorm + out_proj kernel against
+        mamba_ssm's gated rmsnorm_fn + cuBLAS, and add + norm + in_proj with the conv step on x B C
+        against mamba_ssm's add + norm, cuBLAS and causal_conv1d_update."""
+        from causal_conv1d import causal_conv1d_update
+        from mamba_ssm.ops.triton.layernorm_gated import rmsnorm_fn as gated_fn
+
+        n2, nh = 128, 24
+        c = e + 2 * n2
+        y, z = torch.randn(b, e, device=dev, dtype=bf), torch.randn(b, e, device=dev, dtype=bf)
+        nw_e = torch.ones(e, device=dev, dtype=bf)
+        W_out = torch.randn(d, e, device=dev, dtype=bf) * e**-0.5
+        ref = per_call_us(
+            lambda: F.linear(gated_fn(y, nw_e, None, z=z, eps=1e-5, norm_before_gate=False), W_out),
+            args.calls, args.reps,
+        )  # fmt: skip
+        out = [{"kernel": "mamba2 gated norm + out_proj (mamba_ssm + cuBLAS)", "batch": b, "us": ref}]
+        out += sweep(
+            "rms_norm_gated_linear", b, ref, (2, 4, 8, 16), (1, 2, 4, 8),
+            lambda bo, nwarps: T.rms_norm_gated_linear(y, z, nw_e, 1e-5, W_out, block_o=bo, num_warps=nwarps),
+        )  # fmt: skip
+        W_in2 = torch.randn(e + c + nh, d, device=dev, dtype=bf) * d**-0.5
+        h = torch.randn(b, d, device=dev, dtype=bf)
+        res = torch.randn(b, d, device=dev)
+        cw, cb = torch.randn(c, 4, device=dev, dtype=bf), torch.randn(c, device=dev, dtype=bf)
+        cs = torch.randn(b, c, 3, device=dev, dtype=bf)
+        cs4 = torch.randn(b, c, 4, device=dev, dtype=bf)  # causal_conv1d_update's own state layout
+
+        def unfused():
+            zx = F.linear(
+                rms_norm_fn(h, nw, None, residual=res, prenorm=True, residual_in_fp32=True, eps=1e-5)[0],
+                W_in2,
+            )
+            return causal_conv1d_update(zx[:, e : e + c], cs4, cw, cb, "silu")
+
+        ref = per_call_us(unfused, args.calls, args.reps)
+        out.append({"kernel": "mamba2 add_norm + in_proj + conv (mamba_ssm + cuBLAS + causal_conv1d)", "batch": b,
+                    "us": ref})  # fmt: skip
+        out += sweep(
+            "add_rms_norm_linear mamba2 + conv", b, ref, (4, 8, 16), (2, 4, 8),
+            lambda bo, nwarps: T.add_rms_norm_linear(
+                h, res, nw, 1e-5, W_in2, block_o=bo, num_warps=nwarps, conv_state=cs, conv_weight=cw,
+                conv_bias=cb, conv_offset=e,
+            ),
+        )  # fmt: skip
+        return out
+
     rows = []
     for b in args.batches:
         h = torch.randn(b, d, device=dev, dtype=bf)
@@ -123,6 +173,7 @@ def main() -> None:
                                                                   num_warps=nwarps),
         )  # fmt: skip
         rows += ssu_rows(b)
+        rows += mamba2_rows(b)
     print(f"{'kernel':<52} {'b':>3} {'block':>5} {'warps':>5} {'us/call':>8} {'unfused/this':>12}")
     for x in rows:
         print(f"{x['kernel']:<52} {x['batch']:>3} {x.get('block', '-'):>5} {x.get('num_warps', '-'):>5} "

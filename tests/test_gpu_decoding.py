@@ -49,10 +49,17 @@ def _decode(lm, ids, decoder, **kw):
 @pytest.mark.parametrize("mode", [{}, {"num_beams": 3}, {"do_sample": True, "top_k": 50, "seed": 3}])
 @pytest.mark.parametrize("batch", [1, 2, 4])
 def test_graph_decoding_equals_the_eager_step(ssm, mode, batch):
+    """The captured graph against an eager step, tokens and logits per element. Greedy and sampling:
+    against the functional step (the reference; where the fused decode step serves the batch it
+    rounds dt and the normed rows differently, to bf16 rounding). Beam search: against the in-place
+    eager step, the same kernels: a beam keeps one of near-tied candidates, so two paths whose logits
+    differ by rounding may keep different hypotheses (seen with the fused step: one row of 6 from
+    step 10, with every earlier logit within 0.01 of its rms), which is not an error of either; the
+    fused kernels' numbers against the functional step are the greedy cases' and the kernel tests'."""
     lm = _lm(ssm)
     ids = torch.randint(3, 1000, (batch, 64), device=DEV)
     kw = dict(max_new_tokens=12, eos_token_id=None, **mode)
-    ref, ref_logits = _decode(lm, ids, "functional", **kw)
+    ref, ref_logits = _decode(lm, ids, "inplace" if "num_beams" in mode else "functional", **kw)
     out, logits = _decode(lm, ids, "graph", **kw)
     assert torch.equal(out, ref)
     for i, (a, b) in enumerate(zip(logits, ref_logits)):

@@ -1,4 +1,5 @@
-"""Mamba-1's decode step with dt_proj folded into the state update (Triton, inference only).
+"""The fused decode step: Mamba-1's dt_proj folded into the state update, norms folded into the
+projections next to them (Triton, inference only).
 
 The one-token step of a Mamba-1 layer launches in_proj, the conv update, x_proj, dt_proj, the state
 update and out_proj (plus the fused add + norm): on an H200 at batch 1 the captured graph is
@@ -20,8 +21,12 @@ decoding graph of one batch size): at large batches cuBLAS' GEMM reads the weigh
 Together: five launches per Mamba-1 layer and token (add + norm + in_proj, conv update, x_proj,
 dt_proj + state update, out_proj) instead of seven; four with the conv update in in_proj's
 epilogue (``ops.fused_conv_switch``, on by default).
-On at batch 1 by default (``vlm_mamba.ops.FUSED_STEP_MAX_BATCH``; see its note for b=8 and 64);
-``vlm_mamba.ops.set_fused_step(True / False)`` (or ``VLM_MAMBA_FUSED_STEP=1 / 0``) forces it.
+Mamba-2 has no dt_proj; at batch 1 its step is three launches instead of six: add + norm + in_proj
+with the conv step on x, B, C (``conv_offset``), mamba_ssm's state update, and
+:func:`rms_norm_gated_linear` (the gated RMSNorm and out_proj).
+On up to ``vlm_mamba.ops.FUSED_STEP_MAX_BATCH`` rows by default (the norm + linear kernels at batch
+1 only, ``layers.mamba1.FUSED_NORM_LINEAR_MAX_BATCH``); ``vlm_mamba.ops.set_fused_step(True /
+False)`` (or ``VLM_MAMBA_FUSED_STEP=1 / 0``) forces it.
 
 Shapes: ``b`` batch, ``e`` channels, ``n`` state size, ``r`` dt rank.
 """
@@ -279,54 +284,36 @@ if triton is not None:
         E, NOUT, eps,
         s_y_b, s_y_e, s_z_b, s_z_e, s_w_o, s_w_e, s_o_b, s_o_o,
         BLOCK_E: tl.constexpr, BLOCK_O: tl.constexpr, HAS_Z: tl.constexpr, NORM_BEFORE_GATE: tl.constexpr,
-        Y_DTYPE: tl.constexpr, MM_DTYPE: tl.constexpr,
     ):  # fmt: skip
+        # one pass: the row's statistic is a scalar, so W @ (g * rstd * nw) = rstd * (W @ (g * nw)),
+        # with g = y * silu(z) (or y, the gate applied after the norm); the sum of squares of g and
+        # the product accumulate together, rstd scales the result
         pid_b = tl.program_id(0)
         pid_o = tl.program_id(1)
-        # pass 1: the row's sum of squares (of y * silu(z), or of y with the norm before the gate)
-        sq = tl.zeros((BLOCK_E,), dtype=tl.float32)
-        for e0 in range(0, E, BLOCK_E):
-            e = e0 + tl.arange(0, BLOCK_E)
-            e_ok = e < E
-            v = tl.load(y_ptr + pid_b * s_y_b + e * s_y_e, mask=e_ok, other=0.0).to(tl.float32)
-            if HAS_Z and not NORM_BEFORE_GATE:
-                z = tl.load(z_ptr + pid_b * s_z_b + e * s_z_e, mask=e_ok, other=0.0).to(tl.float32)
-                v = v * z * tl.sigmoid(z)
-            sq += v * v
-        rstd = 1.0 / tl.sqrt(tl.sum(sq, axis=0) / E + eps)
-        # pass 2: the normed row, rounded as the unfused norm writes it (and as out_proj reads it)
         o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
         o_ok = o < NOUT
+        sq = tl.zeros((BLOCK_E,), dtype=tl.float32)
         acc = tl.zeros((BLOCK_O,), dtype=tl.float32)
         for e0 in range(0, E, BLOCK_E):
             e = e0 + tl.arange(0, BLOCK_E)
             e_ok = e < E
-            v = tl.load(y_ptr + pid_b * s_y_b + e * s_y_e, mask=e_ok, other=0.0).to(tl.float32)
+            g = tl.load(y_ptr + pid_b * s_y_b + e * s_y_e, mask=e_ok, other=0.0).to(tl.float32)
+            v = g
             if HAS_Z:
                 z = tl.load(z_ptr + pid_b * s_z_b + e * s_z_e, mask=e_ok, other=0.0).to(tl.float32)
                 if NORM_BEFORE_GATE:
-                    v = (
-                        v
-                        * rstd
-                        * tl.load(nw_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
-                        * (z * tl.sigmoid(z))
-                    )
+                    v = g * z * tl.sigmoid(z)
                 else:
-                    v = (
-                        v
-                        * z
-                        * tl.sigmoid(z)
-                        * rstd
-                        * tl.load(nw_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
-                    )
-            else:
-                v = v * rstd * tl.load(nw_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
-            x = v.to(Y_DTYPE).to(MM_DTYPE).to(tl.float32)
+                    g = g * z * tl.sigmoid(z)
+                    v = g
+            sq += g * g
+            v = v * tl.load(nw_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
             w = tl.load(
                 w_ptr + o[:, None] * s_w_o + e[None, :] * s_w_e, mask=o_ok[:, None] & e_ok[None, :], other=0.0
             ).to(tl.float32)  # (BO, BE)
-            acc += tl.sum(w * x[None, :], axis=1)
-        tl.store(out_ptr + pid_b * s_o_b + o * s_o_o, acc.to(out_ptr.dtype.element_ty), mask=o_ok)
+            acc += tl.sum(w * v[None, :], axis=1)
+        rstd = 1.0 / tl.sqrt(tl.sum(sq, axis=0) / E + eps)
+        tl.store(out_ptr + pid_b * s_o_b + o * s_o_o, (acc * rstd).to(out_ptr.dtype.element_ty), mask=o_ok)
 
 
 def rms_norm_gated_linear(
@@ -337,15 +324,16 @@ def rms_norm_gated_linear(
     weight: Tensor,
     norm_before_gate: bool = False,
     out_dtype: torch.dtype | None = None,
-    block_o: int = 8,
-    num_warps: int = 8,
+    block_o: int = 4,
+    num_warps: int = 4,
+    block_e: int = 512,
 ) -> Tensor:
     """Mamba-2's gated RMSNorm (one group) and out_proj in one kernel: y, z (b,e), norm_weight (e,),
-    weight (o,e) -> (b,o) in ``out_dtype`` (default y's). The normed row is rounded to y's dtype (the
-    norm's output) and to ``out_dtype`` (out_proj's input under autocast) before the product, as in
-    the unfused pair. Like :func:`add_rms_norm_linear` each program (a row and ``block_o`` outputs)
-    recomputes the row's statistic (e values) before its block of the matrix-vector product:
-    one launch instead of two, for small batches."""
+    weight (o,e) -> (b,o) in ``out_dtype`` (default y's). Each program (a row and ``block_o``
+    outputs) reads the row once: the statistic is a scalar per row, so it accumulates the sum of
+    squares beside W @ (gated row * norm weight) and scales by rstd at the end. The normed row is
+    not rounded to bf16 before the product as the unfused norm's output is: the two agree to one
+    bf16 rounding. One launch instead of two, for small batches (a matrix-vector product)."""
     if triton is None:
         raise RuntimeError("the fused decode step needs triton")
     b, e = y.shape
@@ -361,9 +349,8 @@ def rms_norm_gated_linear(
     _gated_norm_linear_kernel[(b, triton.cdiv(o, block_o))](
         y, zz, norm_weight, weight, out, e, o, eps,
         *y.stride(), *zz.stride(), *weight.stride(), *out.stride(),
-        BLOCK_E=min(256, triton.next_power_of_2(e)), BLOCK_O=block_o, HAS_Z=z is not None,
-        NORM_BEFORE_GATE=norm_before_gate, Y_DTYPE=getattr(tl, _TL_DTYPES[y.dtype]),
-        MM_DTYPE=getattr(tl, _TL_DTYPES[out_dtype]), num_warps=num_warps,
+        BLOCK_E=min(block_e, triton.next_power_of_2(e)), BLOCK_O=block_o, HAS_Z=z is not None,
+        NORM_BEFORE_GATE=norm_before_gate, num_warps=num_warps,
     )  # fmt: skip
     return out
 
@@ -377,12 +364,15 @@ def rms_norm_gated_linear_ref(
     norm_before_gate: bool = False,
     out_dtype: torch.dtype | None = None,
 ) -> Tensor:
-    """The plain twin of :func:`rms_norm_gated_linear` (the reference gated norm, then the product)."""
-    from vlm_mamba.ops.reference import rms_norm_gated_ref
-
-    out_dtype = out_dtype or y.dtype
-    x = rms_norm_gated_ref(y, norm_weight, z, eps, None, norm_before_gate).to(y.dtype)
-    return (x.to(out_dtype).float() @ weight.float().t()).to(out_dtype)
+    """The plain twin of :func:`rms_norm_gated_linear`: the gated norm and the product in fp32, the
+    normed row not rounded (as the kernel)."""
+    yf = y.float()
+    zs = F.silu(z.float()) if z is not None else None
+    g = yf * zs if zs is not None and not norm_before_gate else yf
+    x = g * torch.rsqrt(g.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()
+    if zs is not None and norm_before_gate:
+        x = x * zs
+    return (x @ weight.float().t()).to(out_dtype or y.dtype)
 
 
 def selective_state_update_dtproj_(
