@@ -56,14 +56,21 @@ def test_graph_decoding_equals_the_eager_step(ssm, mode, batch):
     differ by rounding may keep different hypotheses (seen with the fused step: one row of 6 from
     step 10, with every earlier logit within 0.01 of its rms), which is not an error of either; the
     fused kernels' numbers against the functional step are the greedy cases' and the kernel tests'."""
+    from vlm_mamba import ops
+
     lm = _lm(ssm)
     ids = torch.randint(3, 1000, (batch, 64), device=DEV)
     kw = dict(max_new_tokens=12, eos_token_id=None, **mode)
-    ref, ref_logits = _decode(lm, ids, "inplace" if "num_beams" in mode else "functional", **kw)
+    eager = "inplace" if "num_beams" in mode else "functional"
+    ref, ref_logits = _decode(lm, ids, eager, **kw)
     out, logits = _decode(lm, ids, "graph", **kw)
     assert torch.equal(out, ref)
+    # bf16: the in-place kernels vs clones; the fused step against the unfused one as in
+    # _fused_graph_matches_the_functional_step (one rounding of dt and of the normed rows apart)
+    fused = eager == "functional" and not DRY and ops.fused_step_enabled(ids[:, 0])
+    rtol, atol = (2e-2, 5e-2) if fused else (1e-2, 2e-2)
     for i, (a, b) in enumerate(zip(logits, ref_logits)):
-        close(a, b, 1e-2, 2e-2, what=f"{ssm} {mode} step {i}")  # bf16: the in-place kernels vs clones
+        close(a, b, rtol, atol, what=f"{ssm} {mode} step {i}")
 
 
 def test_graph_is_captured_once_and_follows_new_state_and_weights():

@@ -111,10 +111,9 @@ class Block(nn.Module):
             w = m.in_proj.weight
             out_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else w.dtype
             conv = ops.fused_conv_switch()  # the conv step in the same kernel (default on)
-            cargs = m.fused_conv_args(state) if conv else {}
             xz, residual = triton_step.add_rms_norm_linear(
                 hidden, residual, self.norm.weight, self.norm.eps, w, self.residual_in_fp32, out_dtype,
-                **cargs,
+                **m.fused_in_proj_args(state, conv),
             )  # fmt: skip
             return m.step_xz_(xz, state, A, conv_done=conv), residual
         normed, residual = self.add_norm(hidden, residual)
