@@ -1,0 +1,121 @@
+"""Mamba-1's scan from a cached state, its forms against each other and against the scan from zero,
+per call of one layer's shapes (e 1536, n 16, bf16 inputs, fp32 state), over batch x length.
+
+    python benchmarks/bench_scan_forms.py --out benchmarks/results/scan_forms_<device>.json
+
+Forms (``vlm_mamba.ops.triton_scan.state_scan_form``): ``one_pass`` (the Triton scan from h0,
+``selective_scan_from_state``) and ``two_pass`` (mamba_ssm's ``selective_scan_fn`` from zero, then
+the h0 term, ``add_initial_state``); ``from_zero`` is ``selective_scan_fn`` alone (what a prompt
+without a state costs). Each is timed as the median replay of a CUDA graph of ``--calls`` calls
+(device time, launch gaps included: how the VLM's prefill graphs run it) and eagerly (CUDA events
+around ``--calls`` calls: a host-bound call shows here). Prints a table, writes JSON. CUDA only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.bench_step_kernels import per_call_us  # noqa: E402
+
+CASES = [
+    (1, 16),
+    (8, 16),
+    (32, 16),
+    (160, 16),
+    (8, 64),
+    (160, 64),
+    (8, 128),
+    (8, 256),
+    (1, 1024),
+    (8, 1024),
+    (8, 4096),
+]
+
+
+def eager_us(fn, calls: int, reps: int) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        for _ in range(calls):
+            fn()
+        b.record()
+        torch.cuda.synchronize()
+        times.append(a.elapsed_time(b) * 1e3 / calls)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--calls", type=int, default=20)
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench_scan_forms needs CUDA")
+    from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
+
+    from vlm_mamba.ops import triton_scan as TS
+
+    dev, bf = torch.device("cuda"), torch.bfloat16
+    e, n = 1536, 16
+    torch.manual_seed(0)
+    A = -torch.rand(e, n, device=dev) - 0.5
+    D = torch.ones(e, device=dev)
+    bias = torch.randn(e, device=dev) * 0.1
+    rows = []
+    for b, L in CASES:
+        u, delta, z = (torch.randn(b, e, L, device=dev, dtype=bf) for _ in range(3))
+        B, C = torch.randn(b, n, L, device=dev, dtype=bf), torch.randn(b, n, L, device=dev, dtype=bf)
+        h0 = torch.randn(b, e, n, device=dev)
+
+        def from_zero():
+            return selective_scan_fn(u, delta, A, B, C, D, z, bias, True, True)
+
+        def one_pass():
+            return TS.selective_scan_from_state(u, delta, A, B, C, D, z, bias, True, h0)
+
+        def two_pass():
+            y, last = selective_scan_fn(u, delta, A, B, C, D, None, bias, True, True)
+            return TS.add_initial_state(y, delta, bias, True, A, C, h0, z, last, out_dtype=bf), last
+
+        row = {"batch": b, "length": L}
+        for name, fn in (("from_zero", from_zero), ("one_pass", one_pass), ("two_pass", two_pass)):
+            row[f"{name}_graph_us"] = per_call_us(fn, args.calls, args.reps)
+            row[f"{name}_eager_us"] = eager_us(fn, args.calls, args.reps)
+        rows.append(row)
+        print(f"b={b:>4} L={L:>5} | graph us: zero {row['from_zero_graph_us']:8.1f} one {row['one_pass_graph_us']:8.1f} "
+              f"two {row['two_pass_graph_us']:8.1f} | eager us: zero {row['from_zero_eager_us']:8.1f} "
+              f"one {row['one_pass_eager_us']:8.1f} two {row['two_pass_eager_us']:8.1f}", flush=True)  # fmt: skip
+        del u, delta, z, B, C, h0
+        torch.cuda.empty_cache()
+    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    try:
+        import mamba_ssm
+        import triton
+
+        env["triton"], env["mamba_ssm"] = triton.__version__, mamba_ssm.__version__
+    except ImportError:
+        pass
+    out = Path(args.out or f"benchmarks/results/scan_forms_{env['device'].lower().replace(' ', '_')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"env": env, "shape": {"e": e, "n": n}, "rows": rows}, indent=1))
+    os.replace(tmp, out)
+    print(f"results in {out}")
+
+
+if __name__ == "__main__":
+    main()
