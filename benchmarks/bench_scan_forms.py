@@ -75,31 +75,33 @@ def main() -> None:
     A = -torch.rand(e, n, device=dev) - 0.5
     D = torch.ones(e, device=dev)
     bias = torch.randn(e, device=dev) * 0.1
-    rows = []
-    for b, L in CASES:
+
+    def forms(b: int, L: int) -> dict:
+        """The three calls over one set of inputs (freed with the closures)."""
         u, delta, z = (torch.randn(b, e, L, device=dev, dtype=bf) for _ in range(3))
         B, C = torch.randn(b, n, L, device=dev, dtype=bf), torch.randn(b, n, L, device=dev, dtype=bf)
         h0 = torch.randn(b, e, n, device=dev)
-
-        def from_zero():
-            return selective_scan_fn(u, delta, A, B, C, D, z, bias, True, True)
-
-        def one_pass():
-            return TS.selective_scan_from_state(u, delta, A, B, C, D, z, bias, True, h0)
 
         def two_pass():
             y, last = selective_scan_fn(u, delta, A, B, C, D, None, bias, True, True)
             return TS.add_initial_state(y, delta, bias, True, A, C, h0, z, last, out_dtype=bf), last
 
+        return {
+            "from_zero": lambda: selective_scan_fn(u, delta, A, B, C, D, z, bias, True, True),
+            "one_pass": lambda: TS.selective_scan_from_state(u, delta, A, B, C, D, z, bias, True, h0),
+            "two_pass": two_pass,
+        }
+
+    rows = []
+    for b, L in CASES:
         row = {"batch": b, "length": L}
-        for name, fn in (("from_zero", from_zero), ("one_pass", one_pass), ("two_pass", two_pass)):
+        for name, fn in forms(b, L).items():
             row[f"{name}_graph_us"] = per_call_us(fn, args.calls, args.reps)
             row[f"{name}_eager_us"] = eager_us(fn, args.calls, args.reps)
         rows.append(row)
         print(f"b={b:>4} L={L:>5} | graph us: zero {row['from_zero_graph_us']:8.1f} one {row['one_pass_graph_us']:8.1f} "
               f"two {row['two_pass_graph_us']:8.1f} | eager us: zero {row['from_zero_eager_us']:8.1f} "
               f"one {row['one_pass_eager_us']:8.1f} two {row['two_pass_eager_us']:8.1f}", flush=True)  # fmt: skip
-        del u, delta, z, B, C, h0
         torch.cuda.empty_cache()
     env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     try:
