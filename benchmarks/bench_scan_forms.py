@@ -4,9 +4,12 @@ per call of one layer's shapes (e 1536, n 16, bf16 inputs, fp32 state), over bat
     python benchmarks/bench_scan_forms.py --out benchmarks/results/scan_forms_<device>.json
 
 Forms (``vlm_mamba.ops.triton_scan.state_scan_form``): ``one_pass`` (the Triton scan from h0,
-``selective_scan_from_state``) and ``two_pass`` (mamba_ssm's ``selective_scan_fn`` from zero, then
+``selective_scan_from_state``: one step at a time up to ``SEQUENTIAL_MAX_LENGTH`` tokens, else
+an associative scan per block; ``one_pass_blocks`` the latter always) and ``two_pass`` (mamba_ssm's ``selective_scan_fn`` from zero, then
 the h0 term, ``add_initial_state``); ``from_zero`` is ``selective_scan_fn`` alone (what a prompt
-without a state costs). Each is timed as the median replay of a CUDA graph of ``--calls`` calls
+without a state costs). Beside them the conv from a cached window: ``conv_triton`` (the
+short-prompt kernel, ``ops.triton_conv``, up to its ``MAX_LENGTH``) and ``conv_causal_conv1d``
+(``causal_conv1d_fn`` and the window's head recomputed). Each is timed as the median replay of a CUDA graph of ``--calls`` calls
 (device time, launch gaps included: how the VLM's prefill graphs run it) and eagerly (CUDA events
 around ``--calls`` calls: a host-bound call shows here). Prints a table, writes JSON. CUDA only.
 """
@@ -67,6 +70,8 @@ def main() -> None:
         sys.exit("bench_scan_forms needs CUDA")
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
+    from vlm_mamba.ops import cuda as cuda_ops
+    from vlm_mamba.ops import triton_conv as TC
     from vlm_mamba.ops import triton_scan as TS
 
     dev, bf = torch.device("cuda"), torch.bfloat16
@@ -75,6 +80,8 @@ def main() -> None:
     A = -torch.rand(e, n, device=dev) - 0.5
     D = torch.ones(e, device=dev)
     bias = torch.randn(e, device=dev) * 0.1
+    conv_w, conv_b = torch.randn(e, 4, device=dev, dtype=bf), torch.randn(e, device=dev, dtype=bf)
+    conv_init = torch.randn(max(b for b, _ in CASES), e, 3, device=dev, dtype=bf)
 
     def forms(b: int, L: int) -> dict:
         """The three calls over one set of inputs (freed with the closures)."""
@@ -89,8 +96,22 @@ def main() -> None:
         return {
             "from_zero": lambda: selective_scan_fn(u, delta, A, B, C, D, z, bias, True, True),
             "one_pass": lambda: TS.selective_scan_from_state(u, delta, A, B, C, D, z, bias, True, h0),
+            "one_pass_blocks": lambda: TS.selective_scan_from_state(
+                u, delta, A, B, C, D, z, bias, True, h0, sequential=False
+            ),
             "two_pass": two_pass,
+            "conv_triton": lambda: conv(u, MAX_LENGTH=TC.MAX_LENGTH),
+            "conv_causal_conv1d": lambda: conv(u, MAX_LENGTH=0),
         }
+
+    def conv(x, MAX_LENGTH):
+        """ops.cuda.causal_conv1d from a window: the Triton short-prompt kernel up to MAX_LENGTH
+        tokens, else causal_conv1d_fn and the window's head recomputed."""
+        saved, TC.MAX_LENGTH = TC.MAX_LENGTH, MAX_LENGTH
+        try:
+            return cuda_ops.causal_conv1d(x, conv_w, conv_b, initial_states=conv_init[: x.shape[0]])
+        finally:
+            TC.MAX_LENGTH = saved
 
     rows = []
     for b, L in CASES:
@@ -99,9 +120,8 @@ def main() -> None:
             row[f"{name}_graph_us"] = per_call_us(fn, args.calls, args.reps)
             row[f"{name}_eager_us"] = eager_us(fn, args.calls, args.reps)
         rows.append(row)
-        print(f"b={b:>4} L={L:>5} | graph us: zero {row['from_zero_graph_us']:8.1f} one {row['one_pass_graph_us']:8.1f} "
-              f"two {row['two_pass_graph_us']:8.1f} | eager us: zero {row['from_zero_eager_us']:8.1f} "
-              f"one {row['one_pass_eager_us']:8.1f} two {row['two_pass_eager_us']:8.1f}", flush=True)  # fmt: skip
+        print(f"b={b:>4} L={L:>5} | " + " ".join(f"{k[:-3]} {v:.1f}" for k, v in row.items() if k.endswith("_us")),
+              flush=True)  # fmt: skip
         torch.cuda.empty_cache()
     env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
     try:

@@ -75,10 +75,10 @@ Bm, Cm, D, h0 = (
 )
 
 
-def one_pass(args, block_l):
+def one_pass(args, block_l, sequential=False, block_e=4):
     """The one-pass kernel and the reference scan on the same (u, delta, A, B, C, D, z, bias,
     softplus) from h0: their errors, y and the last state, and the output dtype."""
-    y, last = T.selective_scan_from_state(*args, h0, block_e=4, block_l=block_l)
+    y, last = T.selective_scan_from_state(*args, h0, block_e=block_e, block_l=block_l, sequential=sequential)
     ry, rl = selective_scan_ref(*args, initial_state=h0, return_last_state=True)
     (ye, ys), (le, ls) = err(y, ry), err(last, rl)
     return {"dtype": str(y.dtype), "y_err": ye, "y_scale": ys, "last_err": le, "last_scale": ls}
@@ -89,6 +89,43 @@ for gate, with_d in ((True, True), (False, False)):
     out[f"one pass gate={gate} D={with_d}"] = one_pass(args, block_l=32)
 low = (u.bfloat16(), dl.bfloat16(), A, Bm.bfloat16(), Cm.bfloat16(), D, zg.bfloat16(), bias, True)
 out["one pass bf16"] = one_pass(low, block_l=16)
+# the step-at-a-time kernel (short prompts): the same cases, 32 channels a program over 10 (masked)
+for gate, with_d in ((True, True), (False, False)):
+    args = (u, dl, A, Bm, Cm, D if with_d else None, zg if gate else None, bias, True)
+    out[f"sequential gate={gate} D={with_d}"] = one_pass(args, 0, sequential=True, block_e=32)
+out["sequential bf16"] = one_pass(low, 0, sequential=True, block_e=8)
+short = tuple(a[..., :12] if torch.is_tensor(a) and a.dim() == 3 else a for a in low)
+y_auto, _ = T.selective_scan_from_state(*short, h0)  # 12 tokens: sequential by default
+y_blk, _ = T.selective_scan_from_state(*short, h0, sequential=False)
+out["sequential default for 12 tokens"] = {
+    "auto_vs_block_err": err(y_auto, y_blk)[0],
+    "scale": err(y_blk, y_blk)[1],
+}
+
+# the short-prompt conv from a cached window (ops.triton_conv): x a (b,l,e) buffer's transposed view as
+# in_proj writes it, widths 4 and 2, 12 tokens and 2 (fewer than the window), fp32 and bf16
+from vlm_mamba import ops  # noqa: E402
+from vlm_mamba.ops import triton_conv as TC  # noqa: E402
+
+for k, L, bias_on, dtype in (
+    (4, 12, True, torch.float32),
+    (4, 2, False, torch.float32),
+    (2, 12, True, torch.bfloat16),
+):
+    g = torch.Generator().manual_seed(7)
+    b, e = 3, 70
+    x = torch.randn(b, L, e, generator=g).to(dtype).transpose(1, 2)  # (b,e,l), channel stride 1
+    w, bias = torch.randn(e, k, generator=g) * 0.5, (torch.randn(e, generator=g) if bias_on else None)
+    init = torch.randn(b, e, k - 1, generator=g).to(dtype)
+    y = TC.causal_conv1d_short(x, w, bias, init, "silu")
+    ref = TC.causal_conv1d_short_ref(x, w, bias, init, "silu")
+    twin = ops.causal_conv1d(x, w, bias, initial_states=init, kernel="torch")
+    out[f"short conv k={k} L={L} {dtype}"] = {
+        "err": err(y, ref)[0],
+        "scale": err(ref, ref)[1],
+        "twin_err": err(ref, twin)[0],
+        "dtype": str(y.dtype),
+    }
 
 errors = {}
 c, _ = case()

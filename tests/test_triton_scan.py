@@ -51,6 +51,34 @@ def test_one_pass_scan_in_bf16_keeps_fp32_state(results):
     assert out["last_err"] <= 1e-4 * max(1.0, out["last_scale"]), out
 
 
+@pytest.mark.parametrize("case", ["gate=True D=True", "gate=False D=False", "bf16"])
+def test_step_at_a_time_scan_from_a_state_equals_the_reference_scan(results, case):
+    """The sequential kernel (short prompts: one step at a time, the state in registers) against the
+    reference scan, trailing pads included, per element; y and the last state."""
+    out = results[f"sequential {case}"]
+    bf16 = case == "bf16"
+    assert out["y_err"] <= (1e-2 if bf16 else 2e-6) * max(1.0, out["y_scale"]), out
+    assert out["last_err"] <= (1e-4 if bf16 else 2e-6) * max(1.0, out["last_scale"]), out
+
+
+def test_a_short_prompt_takes_the_sequential_kernel_with_the_same_result(results):
+    out = results["sequential default for 12 tokens"]
+    assert out["auto_vs_block_err"] <= 1e-2 * max(1.0, out["scale"]), out
+
+
+@pytest.mark.parametrize(
+    "case", ["k=4 L=12 torch.float32", "k=4 L=2 torch.float32", "k=2 L=12 torch.bfloat16"]
+)
+def test_short_prompt_conv_from_a_window_equals_its_twin_and_ops_conv(results, case):
+    """ops.triton_conv (a prompt from a cached conv window, one program per row and channel block)
+    against its twin and ops.causal_conv1d's torch path with initial_states, per element; a prompt
+    shorter than the window included."""
+    out = results[f"short conv {case}"]
+    assert out["dtype"] == case.split()[-1], out
+    tol = (1e-5 if "float32" in case else 2e-2) * max(1.0, out["scale"])
+    assert out["err"] <= tol and out["twin_err"] <= tol, out
+
+
 def test_rejects_what_it_cannot_do(results):
     assert "power of two" in results["errors"]["n=6"]
     assert "(b, n, l)" in results["errors"]["grouped C"]
@@ -78,6 +106,10 @@ def test_state_scan_form_one_pass_for_short_eager_prefills_and_the_override(monk
     monkeypatch.setattr(T.torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(T.torch.cuda, "is_current_stream_capturing", lambda: True)
     monkeypatch.delenv(T.STATE_SCAN_ENV)
-    assert T.state_scan_form(1, 16) == "two_pass"
+    assert T.state_scan_form(1, T.SEQUENTIAL_MAX_LENGTH + 1) == "two_pass"
+    # a prompt up to SEQUENTIAL_MAX_LENGTH tokens takes the step-at-a-time kernel, captured or not
+    assert T.state_scan_form(160, T.SEQUENTIAL_MAX_LENGTH) == "one_pass"
     monkeypatch.setenv(T.STATE_SCAN_ENV, "one_pass")
-    assert T.state_scan_form(1, 16) == "one_pass"
+    assert T.state_scan_form(1, 4096) == "one_pass"
+    monkeypatch.setenv(T.STATE_SCAN_ENV, "two_pass")
+    assert T.state_scan_form(160, 16) == "two_pass"

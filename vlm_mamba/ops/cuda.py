@@ -28,7 +28,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from vlm_mamba.ops import triton_scan
+from vlm_mamba.ops import triton_conv, triton_scan
 from vlm_mamba.ops.reference import _dt, _groups_to_channels
 
 
@@ -64,6 +64,20 @@ def causal_conv1d(x, weight, bias=None, initial_states=None, return_final_states
     """x (b,e,l), weight (e,k), initial_states (b,e,k-1) -> y (b,e,l) [, final states (b,e,k-1)]."""
     K = load()
     k = weight.shape[-1]
+    if (
+        initial_states is not None
+        and x.shape[-1] <= triton_conv.MAX_LENGTH
+        and triton_conv.available()
+        and not (
+            torch.is_grad_enabled()
+            and any(t is not None and t.requires_grad for t in (x, weight, bias, initial_states))
+        )
+    ):  # a short prompt from a cached window: one Triton launch (see ops.triton_conv)
+        y = triton_conv.causal_conv1d_short(x, weight, bias, initial_states, activation)
+        if return_final_states:
+            full = torch.cat([initial_states.to(x.dtype), x[..., max(x.shape[-1] - (k - 1), 0) :]], dim=-1)
+            return y, full[..., full.shape[-1] - (k - 1) :]
+        return y
     if x.stride(-1) != 1 and (x.stride(0) % 8 or x.stride(2) % 8):
         x = x.contiguous()  # the channel-last kernel needs strides that are multiples of 8
     y = K.causal_conv1d_fn(x, weight, bias, activation=activation)

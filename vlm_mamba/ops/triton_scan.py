@@ -57,6 +57,8 @@ from vlm_mamba.ops._triton import available, tl, triton  # noqa: F401  (availabl
 STATE_SCAN_ENV = "VLM_MAMBA_STATE_SCAN"
 STATE_SCAN_FORMS = ("auto", "one_pass", "two_pass", "triton", "prefix")
 ONE_PASS_MAX_TOKENS = 8192
+# prompts up to this many tokens take the one-pass form's step-at-a-time kernel, graphs included
+SEQUENTIAL_MAX_LENGTH = 32
 
 
 def state_scan_form(batch: int, length: int) -> str:
@@ -65,6 +67,8 @@ def state_scan_form(batch: int, length: int) -> str:
     if v not in STATE_SCAN_FORMS:
         raise ValueError(f"{STATE_SCAN_ENV}={v!r}: expected one of {', '.join(STATE_SCAN_FORMS)}")
     if v == "auto":
+        if length <= SEQUENTIAL_MAX_LENGTH:
+            return "one_pass"  # the step-at-a-time kernel: mamba_ssm's scan is latency-bound there
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return "two_pass"  # a graph replays launches for free: the form with less device time
         return "one_pass" if batch * length <= ONE_PASS_MAX_TOKENS else "two_pass"
@@ -235,6 +239,67 @@ if triton is not None:
                  mask=e_ok[:, None])  # fmt: skip
 
 
+if triton is not None:
+
+    @triton.jit
+    def _scan_from_state_seq_kernel(
+        u_ptr, delta_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, h0_ptr, out_ptr, last_ptr,
+        E, L,
+        s_u_b, s_u_e, s_u_l,
+        s_d_b, s_d_e, s_d_l,
+        s_A_e, s_A_n,
+        s_B_b, s_B_n, s_B_l,
+        s_C_b, s_C_n, s_C_l,
+        s_z_b, s_z_e, s_z_l,
+        s_h_b, s_h_e, s_h_n,
+        s_o_b, s_o_e, s_o_l,
+        s_last_b, s_last_e, s_last_n,
+        N: tl.constexpr, BLOCK_E: tl.constexpr,
+        HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+    ):  # fmt: skip
+        """One program per (row, channel block), the state (BE, N) in registers, one step at a time
+        (eq. 2a-2b of the Mamba paper, as the decode step): for short prompts, where a block scan
+        would mostly compute padding."""
+        pid_b, pid_e = tl.program_id(0), tl.program_id(1)
+        e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)  # (BE,)
+        e_ok = e < E
+        n = tl.arange(0, N)
+        A = tl.load(A_ptr + e[:, None] * s_A_e + n[None, :] * s_A_n, mask=e_ok[:, None], other=0.0).to(
+            tl.float32
+        )
+        h = tl.load(h0_ptr + pid_b * s_h_b + e[:, None] * s_h_e + n[None, :] * s_h_n, mask=e_ok[:, None],
+                    other=0.0).to(tl.float32)  # (BE, N)  # fmt: skip
+        if HAS_BIAS:
+            bias = tl.load(bias_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
+        if HAS_D:
+            Dv = tl.load(D_ptr + e, mask=e_ok, other=0.0).to(tl.float32)
+        for t in range(0, L):
+            dt = tl.load(delta_ptr + pid_b * s_d_b + e * s_d_e + t * s_d_l, mask=e_ok, other=0.0).to(
+                tl.float32
+            )
+            if HAS_BIAS:
+                dt = dt + bias
+            if SOFTPLUS:  # torch's softplus (threshold 20); -1e4 (a pad) gives 0: an identity step
+                dt = tl.where(dt > 20.0, dt, tl.log(1.0 + tl.exp(dt)))
+            x = tl.load(u_ptr + pid_b * s_u_b + e * s_u_e + t * s_u_l, mask=e_ok, other=0.0).to(tl.float32)
+            Bt = tl.load(B_ptr + pid_b * s_B_b + n * s_B_n + t * s_B_l).to(tl.float32)  # (N,)
+            Ct = tl.load(C_ptr + pid_b * s_C_b + n * s_C_n + t * s_C_l).to(tl.float32)
+            h = h * tl.exp(A * dt[:, None]) + Bt[None, :] * (dt * x)[:, None]
+            y = tl.sum(h * Ct[None, :], axis=1)  # (BE,)
+            if HAS_D:
+                y = y + x * Dv
+            if HAS_Z:
+                zz = tl.load(z_ptr + pid_b * s_z_b + e * s_z_e + t * s_z_l, mask=e_ok, other=0.0).to(
+                    tl.float32
+                )
+                y = y * (zz / (1.0 + tl.exp(-zz)))
+            tl.store(
+                out_ptr + pid_b * s_o_b + e * s_o_e + t * s_o_l, y.to(out_ptr.dtype.element_ty), mask=e_ok
+            )
+        tl.store(last_ptr + pid_b * s_last_b + e[:, None] * s_last_e + n[None, :] * s_last_n, h,
+                 mask=e_ok[:, None])  # fmt: skip
+
+
 def selective_scan_from_state(
     u: Tensor,
     delta: Tensor,
@@ -246,8 +311,9 @@ def selective_scan_from_state(
     delta_bias: Tensor | None,
     delta_softplus: bool,
     h0: Tensor,
-    block_e: int = 4,
+    block_e: int | None = None,
     block_l: int = 64,
+    sequential: bool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The selective scan started from ``h0`` in one Triton pass (forward only): the alternative to
     ``selective_scan_fn`` from zero + :func:`add_initial_state`, which computes every decay twice
@@ -255,10 +321,17 @@ def selective_scan_from_state(
     ``vlm_mamba.ops.selective_scan`` with (b,n,l) B and C; returns (y (b,e,l) in u's dtype,
     last state (b,e,n) fp32). ``ops.cuda.selective_scan`` calls with an initial state come here up
     to ``ONE_PASS_MAX_TOKENS`` (see :func:`state_scan_form`).
+
+    ``sequential`` (None: prompts up to ``SEQUENTIAL_MAX_LENGTH`` tokens) walks the steps one at a
+    time with ``block_e`` channels a program (default 32), instead of an associative scan over
+    ``block_l``-step blocks with ``block_e`` channels (default 4): a VQA question of 12 tokens would
+    otherwise fill a 64-step block mostly with identity steps.
     """
     if triton is None:
         raise RuntimeError("triton is not installed")
     b, E, L = u.shape
+    if sequential is None:
+        sequential = L <= SEQUENTIAL_MAX_LENGTH
     N = A.shape[1]
     if B.dim() != 3 or C.dim() != 3:
         raise ValueError(f"B and C must be (b, n, l) for this kernel, got {tuple(B.shape)}, {tuple(C.shape)}")
@@ -268,14 +341,24 @@ def selective_scan_from_state(
     last = torch.empty(b, E, N, device=u.device, dtype=torch.float32)
     dummy = u  # never read when its flag is off
     zz = z if z is not None else dummy
-    _scan_from_state_kernel[(b, triton.cdiv(E, block_e))](
+    args = (
         u, delta, delta_bias if delta_bias is not None else A, A, B, C, D if D is not None else A, zz, h0, out,
         last, E, L,
         *u.stride(), *delta.stride(), *A.stride(), *B.stride(), *C.stride(), *zz.stride(), *h0.stride(),
         *out.stride(), *last.stride(),
-        N=N, BLOCK_E=block_e, BLOCK_L=block_l, HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus),
-        HAS_D=D is not None, HAS_Z=z is not None,
     )  # fmt: skip
+    flags = dict(
+        HAS_BIAS=delta_bias is not None,
+        SOFTPLUS=bool(delta_softplus),
+        HAS_D=D is not None,
+        HAS_Z=z is not None,
+    )
+    if sequential:
+        be = block_e or 32
+        _scan_from_state_seq_kernel[(b, triton.cdiv(E, be))](*args, N=N, BLOCK_E=be, **flags)
+    else:
+        be = block_e or 4
+        _scan_from_state_kernel[(b, triton.cdiv(E, be))](*args, N=N, BLOCK_E=be, BLOCK_L=block_l, **flags)
     return out, last
 
 
