@@ -1,8 +1,9 @@
 """The causal depthwise conv of a short prompt from a cached conv window (Triton, forward only).
 
-A prompt prefilled from the image state (a VQA question: 8-16 tokens, 160 of them at once) runs
-causal_conv1d's kernel, built for long sequences: on an H200 at b=160, e=1536, 12 tokens it took
-0.23-0.39 ms a layer, for ~8 MB of inputs. Here one program per (row, block of channels) reads the
+A prompt prefilled from the image state (a VQA question: 8-16 tokens, 160 of them at once) ran
+causal_conv1d's kernel, built for long sequences, plus a recomputation of the k-1 outputs that read
+the window: on an H200 at e=1536, 16 tokens, in a graph, 20 / 31 / 254 us a layer at b = 1 / 8 /
+160, against 1.8 / 2.1 / 9.5 us for this kernel (``benchmarks/bench_scan_forms.py``). Here one program per (row, block of channels) reads the
 k-1 cached inputs and the prompt's and writes every output: y_t = act(bias + sum_j w_j x_{t-k+1+j}),
 with x_{<0} the window's (``causal_conv1d_fn`` with ``initial_states``, its fp32 arithmetic).
 ``causal_conv1d_short_ref`` is the plain twin (tests on the CPU through ``TRITON_INTERPRET=1``).

@@ -37,8 +37,9 @@ from vlm_mamba.ops._triton import available, tl, triton  # noqa: F401  (availabl
 # mamba_ssm's scan from zero + :func:`add_initial_state`; "prefix" the state written as 2n prefix
 # tokens before the prompt and mamba_ssm's scan from zero over both (``vlm_mamba.ops.state_prefix``,
 # taken by ``layers.mamba1``; where it cannot be, two passes; opt-in: measured slower, see
-# below); "auto" (unset) one pass up to ONE_PASS_MAX_TOKENS tokens (batch x length), two passes
-# above and whenever a CUDA graph is being captured.
+# below); "auto" (unset) one pass for prompts up to SEQUENTIAL_MAX_LENGTH tokens (one step at a
+# time) and up to ONE_PASS_MAX_TOKENS tokens (batch x length), two passes above and, for longer
+# prompts, whenever a CUDA graph is being captured.
 #
 # Measured on an H200 (base LM, d 768, 24 layers; prefill tokens/s from the state / from zero;
 # benchmarks/results/bench_gpu_nvidia_h200_run_prefill_bd07cec.json): one pass 0.85 / 0.77 / 0.97x
@@ -57,7 +58,12 @@ from vlm_mamba.ops._triton import available, tl, triton  # noqa: F401  (availabl
 STATE_SCAN_ENV = "VLM_MAMBA_STATE_SCAN"
 STATE_SCAN_FORMS = ("auto", "one_pass", "two_pass", "triton", "prefix")
 ONE_PASS_MAX_TOKENS = 8192
-# prompts up to this many tokens take the one-pass form's step-at-a-time kernel, graphs included
+# Prompts up to this many tokens take the one-pass form's step-at-a-time kernel, graphs included.
+# mamba_ssm's scan is latency-bound on short sequences (a block per row and channel): on an H200
+# (e 1536, n 16, one layer, in a graph; benchmarks/bench_scan_forms.py, results/scan_forms_nvidia_h200.json)
+# at 16 tokens it took 11 / 58 / 215 / 1069 us from zero at b = 1 / 8 / 32 / 160, two passes from a
+# state 20 / 69 / 249 / 1223 us, the step-at-a-time kernel 10 / 11 / 29 / 105 us. At b=8 it costs
+# ~0.7 us a step, so two passes win again from ~100 tokens (62 us at 128); 32 is the measured side.
 SEQUENTIAL_MAX_LENGTH = 32
 
 
