@@ -1058,6 +1058,11 @@ class Suite:
                 if getattr(self.args, "fused_step", False)
                 else []
             ),
+            *(
+                [("ours_fused_xproj", "mamba1", lambda: ours)]
+                if getattr(self.args, "fused_xproj", False)
+                else []
+            ),
             ("stock", "mamba1", lambda: self.build_stock("mamba1").to(torch.bfloat16).eval()),
             ("llama", "-", lambda: self.build_llama(target).to(torch.bfloat16).eval()),
             ("ours", "mamba2", ours2),
@@ -1085,6 +1090,7 @@ class Suite:
                 "ours_fused": OursDecoder,
                 "ours_unfused": OursDecoder,
                 "ours_fused_conv": OursDecoder,
+                "ours_fused_xproj": OursDecoder,
                 "stock": StockDecoder,
                 "llama": LlamaDecoder,
             }[who](model, self)
@@ -1096,6 +1102,9 @@ class Suite:
                 )
                 dec.path += {True: " [+ conv step in in_proj's kernel, VLM_MAMBA_FUSED_CONV=1]",
                              False: " [conv step as its own kernel, VLM_MAMBA_FUSED_CONV=0]"}.get(dec.fused_conv, "")  # fmt: skip
+                if who == "ours_fused_xproj":
+                    dec.xproj = True
+                    dec.path += " [x_proj's partials in in_proj's kernel, VLM_MAMBA_FUSED_XPROJ=1]"
             dec.amp = weights.get(("ours" if who.startswith("ours") else who, ssm), (False, ""))[0]
             decoders[who, ssm] = dec
         m2 = set(P.decode_mamba2)
@@ -1134,8 +1143,9 @@ class Suite:
         before = ops._fused_step
         ops.set_fused_step(getattr(dec, "fused", None) if getattr(dec, "fused", None) is not None else before)
         conv = _conv_env(getattr(dec, "fused_conv", None))
+        xproj = "1" if getattr(dec, "xproj", False) else None
         try:
-            with torch.no_grad(), dec.ctx(), _env(ops.FUSED_CONV_ENV, conv):
+            with torch.no_grad(), dec.ctx(), _env(ops.FUSED_CONV_ENV, conv), _env(ops.FUSED_XPROJ_ENV, xproj):
                 ids = torch.randint(1, self.plan.lm["vocab_size"], (b, 64), device=self.device)
                 o = lm(ids, return_state=True, logits="last")
                 for mode, graph in (("eager_in_place", False), ("graph_replay", True)):
@@ -1569,6 +1579,7 @@ class OursDecoder(Decoder):
 
     fused: bool | None = None  # ops.set_fused_step for this decoder's calls (None: as set globally)
     fused_conv: bool | None = None  # VLM_MAMBA_FUSED_CONV=1/0 for this decoder's calls (None: unset)
+    xproj: bool = False  # VLM_MAMBA_FUSED_XPROJ=1 for this decoder's calls (False: unset)
 
     @torch.no_grad()
     def run(self, ids: torch.Tensor, k: int) -> torch.Tensor:
@@ -1578,7 +1589,11 @@ class OursDecoder(Decoder):
         if self.fused is not None:
             ops.set_fused_step(self.fused)
         try:
-            with self.ctx(), _env(ops.FUSED_CONV_ENV, _conv_env(self.fused_conv)):
+            with (
+                self.ctx(),
+                _env(ops.FUSED_CONV_ENV, _conv_env(self.fused_conv)),
+                _env(ops.FUSED_XPROJ_ENV, "1" if self.xproj else None),
+            ):
                 return self._run(ids, k)
         finally:
             ops.set_fused_step(before)
@@ -1865,7 +1880,8 @@ def summarize(records: list[dict]) -> dict:
     for r in records:
         if r["section"] == "decode" and r["model"].startswith("ours") and "itl_ms" in r:
             fused = {"ours_fused": ", fused step forced, conv separate", "ours_unfused": ", unfused step forced",
-                     "ours_fused_conv": ", fused step + conv in in_proj"}.get(r["model"], "")  # fmt: skip
+                     "ours_fused_conv": ", fused step + conv in in_proj",
+                     "ours_fused_xproj": ", + x_proj's partials in in_proj (opt-in)"}.get(r["model"], "")  # fmt: skip
             for ref_name in ("stock", "llama") if r["ssm"] == "mamba1" else ("stock",):
                 ssm = r["ssm"] if ref_name == "stock" else "-"
                 ref = _get(records, section="decode", case=r["case"], model=ref_name, ssm=ssm)
@@ -1991,6 +2007,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--fused-step", action="store_true",
                     help="decode section: also Mamba-1 rows 'ours_fused' and 'ours_unfused' (the fused step "
                          "forced on / off, ops.set_fused_step) beside the default's (fused at batch 1), same run")  # fmt: skip
+    ap.add_argument("--fused-xproj", action="store_true",
+                    help="decode section: also a Mamba-1 row 'ours_fused_xproj' (VLM_MAMBA_FUSED_XPROJ=1: x_proj's "
+                    "partial products in in_proj's kernel, summed by the state update), same run")  # fmt: skip
     ap.add_argument("--warmup", type=int)
     ap.add_argument("--git-info", help="JSON with the commit measured (written before a GPU call)")
     ap.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/bench_gpu_<device>.json)")

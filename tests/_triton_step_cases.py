@@ -169,6 +169,53 @@ for gate, before, (ydt, odt) in [
         "err": err(k, ref)[0], "scale": err(k, ref)[1], "unfused_err": err(ref, u)[0], "dtype": str(k.dtype),
     }  # fmt: skip
 
+# x_proj folded away (Mamba-1 at b=1): its partial products in the in_proj kernel's epilogue, summed by
+# the state update; against in_proj + conv, x_proj as a matmul and the state update's twin
+for dtype in (torch.float32, torch.bfloat16):
+    g = torch.Generator().manual_seed(8)
+    b, d, e, r, n = 2, 200, 60, 6, 4
+    h = torch.randn(b, d, generator=g).to(dtype)
+    res = torch.randn(b, d, generator=g)
+    nw = torch.rand(d, generator=g) + 0.5
+    w = (torch.randn(2 * e, d, generator=g) * 0.1).to(dtype)
+    cw, cb = torch.randn(e, 4, generator=g) * 0.5, torch.randn(e, generator=g)
+    cs = torch.randn(b, e, 3, generator=g).to(dtype)
+    wx = (torch.randn(r + 2 * n, e, generator=g) * 0.2).to(dtype)
+    wdt, bdt = torch.randn(e, r, generator=g) * 0.3, torch.randn(e, generator=g) * 0.5
+    A, D = -torch.exp(torch.randn(e, n, generator=g) * 0.5), torch.randn(e, generator=g)
+    st = torch.randn(b, e, n, generator=g)
+    conv = dict(conv_weight=cw, conv_bias=cb)
+    cs_k, cs_r, st_k, st_r = cs.clone(), cs.clone(), st.clone(), st.clone()
+    xz, _, part = T.add_rms_norm_linear(h, res, nw, 1e-5, w, conv_state=cs_k, xproj_weight=wx, **conv)
+    _, _, part_ref = T.add_rms_norm_linear_ref(
+        h, res, nw, 1e-5, w, conv_state=cs.clone(), xproj_weight=wx, **conv
+    )
+    y = T.selective_state_update_dtproj_(
+        st_k, xz[:, :e], None, wdt, bdt, A, None, None, D, xz[:, e:], partials=part
+    )
+    # unfused: in_proj + conv, x_proj as a matmul, the state update's twin
+    xz2, _ = T.add_rms_norm_linear_ref(h, res, nw, 1e-5, w, conv_state=cs_r, **conv)
+    x_dbl = F.linear(xz2[:, :e].float(), wx.float())
+    dtl, Bm, Cm = x_dbl.split([r, n, n], dim=-1)
+    y2 = T.selective_state_update_dtproj_ref(st_r, xz2[:, :e], dtl, wdt, bdt, A, Bm, Cm, D, xz2[:, e:])
+    # the same unfused ops from the kernel's own in_proj + conv outputs: what the fold itself changes
+    x_dbl3 = F.linear(xz[:, :e].float(), wx.float())
+    st3 = st.clone()
+    y3 = T.selective_state_update_dtproj_ref(st3, xz[:, :e], *x_dbl3.split([r, n, n], dim=-1)[:1], wdt, bdt, A,
+                                              *x_dbl3.split([r, n, n], dim=-1)[1:], D, xz[:, e:])  # fmt: skip
+    out[f"xproj fold {dtype}"] = {
+        "own_y_err": err(y, y3)[0], "own_state_err": err(st_k, st3)[0],
+        "parts": list(part.shape), "part_err": err(part, part_ref)[0], "part_scale": err(part_ref, part_ref)[1],
+        "sum_err": err(part.sum(1), x_dbl)[0], "sum_scale": err(x_dbl, x_dbl)[1],
+        "y_err": err(y, y2)[0], "y_scale": err(y2, y2)[1], "state_err": err(st_k, st_r)[0],
+        "state_scale": err(st_r, st_r)[1],
+    }  # fmt: skip
+try:
+    T.add_rms_norm_linear(h, res, nw, 1e-5, w, conv_state=cs.clone(), xproj_weight=wx)
+    out["xproj without conv"] = "no error"
+except ValueError as ex:
+    out["xproj without conv"] = str(ex)
+
 try:
     T.selective_state_update_dtproj_(**case(n=12))
     out["n12"] = "no error"

@@ -104,7 +104,7 @@ def test_cache_made_under_inference_mode_serves_later_no_grad_calls(ssm):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
 
 
-def test_fused_step_modes_auto_takes_it_at_batch_one_only(monkeypatch):
+def test_fused_step_modes_auto_takes_it_up_to_its_batch(monkeypatch):
     """VLM_MAMBA_FUSED_STEP / set_fused_step: auto (the default) = the fused step up to
     FUSED_STEP_MAX_BATCH rows, on / off whatever the batch, a bad value named; never off CUDA."""
     from vlm_mamba import ops
@@ -128,6 +128,26 @@ def test_fused_step_modes_auto_takes_it_at_batch_one_only(monkeypatch):
     monkeypatch.setenv(ops.FUSED_STEP_ENV, "yes")
     with pytest.raises(ValueError, match="VLM_MAMBA_FUSED_STEP='yes'"):
         ops.fused_step_enabled(one)
+
+
+@pytest.mark.parametrize(
+    "env, switch, default",
+    [("FUSED_CONV_ENV", "fused_conv_switch", True), ("FUSED_XPROJ_ENV", "fused_xproj_switch", False)],
+)
+def test_the_conv_and_x_proj_folds_read_their_variable(monkeypatch, env, switch, default):
+    """VLM_MAMBA_FUSED_CONV (on unless 0/off) and VLM_MAMBA_FUSED_XPROJ (opt-in: off unless 1/on); a bad
+    value is named."""
+    from vlm_mamba import ops
+
+    name, read = getattr(ops, env), getattr(ops, switch)
+    monkeypatch.delenv(name, raising=False)
+    assert read() is default
+    for value, on in (("1", True), ("ON", True), ("0", False), ("off", False)):
+        monkeypatch.setenv(name, value)
+        assert read() is on
+    monkeypatch.setenv(name, "maybe")
+    with pytest.raises(ValueError, match=f"{name}='maybe'"):
+        read()
 
 
 def test_the_fused_step_switch_keys_its_own_cache(monkeypatch):

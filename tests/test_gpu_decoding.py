@@ -273,3 +273,38 @@ def test_mamba2_fused_step_in_the_graph_equals_the_unfused_step(conv, monkeypatc
     _fused_graph_matches_the_functional_step(1, f"Mamba-2 fused step conv={conv}", ssm="mamba2")
     _mamba2_kernels_equal_their_twins(1)
     _mamba2_kernels_equal_their_twins(5, seed=1)
+
+
+@pytest.mark.skipif(
+    DRY, reason="Triton kernels need a GPU (under the interpreter: tests/test_triton_step.py)"
+)
+def test_x_proj_fold_in_the_graph_equals_the_unfused_step(monkeypatch):
+    """VLM_MAMBA_FUSED_XPROJ=1 (opt-in) at b=1: x_proj's partial products in the in_proj kernel's
+    epilogue, summed by the state update; the graph's tokens and logits match the unfused functional
+    step to bf16 rounding, and on CUDA the partials equal their twin's and the state update from them
+    equals the one from x_proj's output."""
+    from vlm_mamba import ops
+    from vlm_mamba.ops import triton_step
+
+    monkeypatch.setenv(ops.FUSED_CONV_ENV, "1")
+    monkeypatch.setenv(ops.FUSED_XPROJ_ENV, "1")
+    _fused_graph_matches_the_functional_step(1, "x_proj fold")
+    g = torch.Generator(device="cpu").manual_seed(5)
+    rn = lambda *s: torch.randn(*s, generator=g).to(DEV)  # noqa: E731
+    e, r, n = 200, 13, 16
+    h, res = rn(1, 300).bfloat16(), rn(1, 300)
+    nw, w = rn(300).abs() + 0.5, (rn(2 * e, 300) * 0.1).bfloat16()
+    conv = dict(conv_weight=rn(e, 4) * 0.5, conv_bias=rn(e), xproj_weight=(rn(r + 2 * n, e) * 0.1).bfloat16())
+    cs = rn(1, e, 3).bfloat16()
+    xz, _, part = triton_step.add_rms_norm_linear(h, res, nw, 1e-5, w, conv_state=cs.clone(), **conv)
+    xz_r, _, part_r = triton_step.add_rms_norm_linear_ref(h, res, nw, 1e-5, w, conv_state=cs.clone(), **conv)
+    close(part, part_r, 5e-2, 5e-2, what="x_proj partials (bf16 in_proj outputs)")
+    wdt, bdt, A, D = rn(e, r) * 0.3, rn(e) * 0.5, -torch.exp(rn(e, n) * 0.5), rn(e)
+    s_k = rn(1, e, n)
+    s_r = s_k.clone()
+    y = triton_step.selective_state_update_dtproj_(s_k, xz[:, :e], None, wdt, bdt, A, None, None, D, xz[:, e:],
+                                                   partials=part)  # fmt: skip
+    dtl, B, C = part.sum(1).split([r, n, n], dim=-1)
+    y_r = triton_step.selective_state_update_dtproj_ref(s_r, xz[:, :e], dtl, wdt, bdt, A, B, C, D, xz[:, e:])
+    close(y.float(), y_r.float(), 1e-2, 1e-2, what="state update from the partials (bf16 out)")
+    close(s_k, s_r, 1e-5, 1e-5, what="state from the partials")

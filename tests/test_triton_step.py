@@ -110,3 +110,27 @@ def test_gated_norm_out_proj_equals_its_twin_and_the_unfused_ops(results, case):
     fp32 = case.endswith("torch.float32")
     assert out["err"] <= (2e-5 if fp32 else 2e-2) * max(1.0, out["scale"]), out
     assert out["unfused_err"] <= (2e-5 if fp32 else 2e-2) * max(1.0, out["scale"]), out
+
+
+@pytest.mark.parametrize("dtype", ["torch.float32", "torch.bfloat16"])
+def test_x_proj_folded_into_in_proj_and_the_state_update_equals_the_unfused_step(results, dtype):
+    """x_proj without a launch of its own: the in_proj kernel's programs write x_proj's partial products
+    over their conv channels (8 blocks over 60 channels, the last straddling x / z), the state update
+    sums them. From the kernel's own in_proj + conv outputs, y and the state equal x_proj and the
+    state update run apart (bf16: y's one rounding; the state in fp32); against the twins' in_proj
+    outputs, the partials, their sum, y and the state agree to the bf16 rounding of in_proj's x and
+    z (a flipped last bit of x moves dt through x_proj and dt_proj)."""
+    out = results[f"xproj fold {dtype}"]
+    assert out["parts"] == [2, 8, 14], out
+    fp32 = dtype == "torch.float32"
+    assert out["own_y_err"] <= (2e-6 if fp32 else 5e-3) * max(1.0, out["y_scale"]), out
+    assert out["own_state_err"] <= 2e-6 * max(1.0, out["state_scale"]), out
+    tol = 2e-5 if fp32 else 5e-2
+    assert out["part_err"] <= tol * max(1.0, out["part_scale"]), out
+    assert out["sum_err"] <= tol * max(1.0, out["sum_scale"]), out
+    assert out["y_err"] <= tol * max(1.0, out["y_scale"]), out
+    assert out["state_err"] <= tol * max(1.0, out["state_scale"]), out
+
+
+def test_x_proj_partials_need_the_conv_step(results):
+    assert "x_proj's partial products need the conv step" in results["xproj without conv"]

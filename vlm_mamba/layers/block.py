@@ -111,11 +111,15 @@ class Block(nn.Module):
             w = m.in_proj.weight
             out_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else w.dtype
             conv = ops.fused_conv_switch()  # the conv step in the same kernel (default on)
-            xz, residual = triton_step.add_rms_norm_linear(
+            out = triton_step.add_rms_norm_linear(
                 hidden, residual, self.norm.weight, self.norm.eps, w, self.residual_in_fp32, out_dtype,
                 **m.fused_in_proj_args(state, conv),
             )  # fmt: skip
-            return m.step_xz_(xz, state, A, conv_done=conv), residual
+            xz, residual = out[:2]
+            # a third output: x_proj's partial products (Mamba-1, ops.fused_xproj_switch)
+            return m.step_xz_(
+                xz, state, A, conv_done=conv, **({"partials": out[2]} if len(out) > 2 else {})
+            ), residual
         normed, residual = self.add_norm(hidden, residual)
         return m.step_(normed, state, A), residual
 

@@ -340,20 +340,43 @@ class MambaMixer(nn.Module):
         o = 2e = 3072 on an H200."""
         if not conv:
             return {}
-        return dict(conv_state=state.conv, conv_weight=self.conv1d.weight[:, 0], conv_bias=self.conv1d.bias)
+        args = dict(conv_state=state.conv, conv_weight=self.conv1d.weight[:, 0], conv_bias=self.conv1d.bias)
+        if (
+            ops.fused_xproj_switch()
+            and self.x_proj.bias is None
+            and reads_weight_only(self.x_proj)
+            and reads_weight_only(self.dt_proj)
+            and not self.d_state & (self.d_state - 1)
+        ):  # x_proj's partial products too, summed by the fused state update (step_xz_'s partials)
+            args["xproj_weight"] = self.x_proj.weight
+        return args
 
     def step_xz_(
-        self, xz: Tensor, state: MixerState, A: Tensor | None = None, conv_done: bool = False
+        self,
+        xz: Tensor,
+        state: MixerState,
+        A: Tensor | None = None,
+        conv_done: bool = False,
+        partials: Tensor | None = None,
     ) -> Tensor:
         """:meth:`step_` after in_proj: xz (b,2e) -> y (b,d), ``state`` updated in place.
         ``conv_done``: xz's x half is already the conv's output and ``state.conv`` already updated
-        (the conv step in in_proj's kernel, ``ops.fused_conv_switch``)."""
+        (the conv step in in_proj's kernel, ``ops.fused_conv_switch``); ``partials``: x_proj's partial
+        products from that kernel (``ops.fused_xproj_switch``), summed by the fused state update."""
         xi, z = xz.chunk(2, dim=-1)  # (b,e)
+        A = self.decode_A() if A is None else A
+        if partials is not None:  # x_proj without a launch: the state update sums its partials
+            from vlm_mamba.ops import triton_step
+
+            y = triton_step.selective_state_update_dtproj_(
+                state.ssm, xi, None, self.dt_proj.weight, self.dt_proj.bias, A, None, None, self.D, z,
+                partials=partials,
+            )  # fmt: skip
+            return self.out_proj(y)
         xc = xi if conv_done else ops.causal_conv1d_update_(
             xi, state.conv, self.conv1d.weight[:, 0], self.conv1d.bias, kernel=self.kernel
         )  # fmt: skip
         dt, B, C = self.x_proj(xc).split([self.dt_rank, self.d_state, self.d_state], dim=-1)
-        A = self.decode_A() if A is None else A
         if (
             ops.fused_step_enabled(xc, self.kernel)
             and reads_weight_only(self.dt_proj)

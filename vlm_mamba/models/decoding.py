@@ -153,7 +153,7 @@ def cache_for(lm: Any, state: InferenceState) -> DecodeCache:
     per_model = _CACHES.setdefault(lm, {})
     # the fused-step switch is part of the key: a graph captured with one set of kernels is not
     # replayed after the switch changes
-    key = (ops.fused_step_switch(), ops.fused_conv_switch()) + tuple(
+    key = (ops.fused_step_switch(), ops.fused_conv_switch(), ops.fused_xproj_switch()) + tuple(
         (s.conv.shape, s.ssm.shape, s.conv.dtype, str(s.ssm.device)) for s in state
     )
     cache = per_model.get(key)

@@ -369,6 +369,23 @@ def fused_conv_switch() -> bool:
     return v not in ("0", "off")
 
 
+FUSED_XPROJ_ENV = "VLM_MAMBA_FUSED_XPROJ"
+
+
+def fused_xproj_switch() -> bool:
+    """Where the conv step runs in in_proj's kernel (Mamba-1, batch 1), x_proj's product too: that
+    kernel writes its partial products over each block of conv channels and the fused state update
+    sums them (``triton_step.add_rms_norm_linear`` with ``xproj_weight``), so x_proj (a 1536 -> 80
+    matrix-vector product cuBLAS runs on two thread blocks, 5.8 us of a ~20 us layer on an H200)
+    needs no launch. Opt-in until measured on a GPU: ``VLM_MAMBA_FUSED_XPROJ=1``/``on`` (unset,
+    ``0``/``off``: off). The kernels equal their twins under Triton's interpreter
+    (tests/test_triton_step.py). Read when a step runs (set it before the first graph)."""
+    v = os.environ.get(FUSED_XPROJ_ENV, "").strip().lower()
+    if v not in ("", "1", "on", "0", "off"):
+        raise ValueError(f"{FUSED_XPROJ_ENV}={v!r}: expected 1/on or 0/off (unset: off)")
+    return v in ("1", "on")
+
+
 def selective_state_update_(
     state: Tensor,
     x: Tensor,

@@ -43,8 +43,8 @@ if triton is not None:
 
     @triton.jit
     def _step_kernel(
-        state_ptr, x_ptr, dtl_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, out_ptr,
-        E, R,
+        state_ptr, x_ptr, dtl_ptr, w_ptr, bias_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, out_ptr, part_ptr,
+        E, R, NP,
         s_st_b, s_st_e, s_st_n,
         s_x_b, s_x_e,
         s_dtl_b, s_dtl_r,
@@ -54,8 +54,10 @@ if triton is not None:
         s_C_b, s_C_n,
         s_z_b, s_z_e,
         s_o_b, s_o_e,
+        s_p_b, s_p_p, s_p_j,
         N: tl.constexpr, R_PAD: tl.constexpr, BLOCK_E: tl.constexpr,
-        HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+        HAS_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_PART: tl.constexpr,
+        BLOCK_P: tl.constexpr,
     ):  # fmt: skip
         pid_b = tl.program_id(0)
         pid_e = tl.program_id(1)
@@ -64,8 +66,28 @@ if triton is not None:
         r = tl.arange(0, R_PAD)
         r_ok = r < R
         n = tl.arange(0, N)
+        if HAS_PART:  # x_proj's output as the sum of its NP partial products (add_rms_norm_linear)
+            dtl = tl.zeros((R_PAD,), dtype=tl.float32)
+            Bv = tl.zeros((N,), dtype=tl.float32)
+            Cv = tl.zeros((N,), dtype=tl.float32)
+            for p0 in range(0, NP, BLOCK_P):
+                pp = p0 + tl.arange(0, BLOCK_P)
+                p_ok = pp < NP
+                row = part_ptr + pid_b * s_p_b + pp[:, None] * s_p_p
+                dtl += tl.sum(
+                    tl.load(row + r[None, :] * s_p_j, mask=p_ok[:, None] & r_ok[None, :], other=0.0), axis=0
+                )
+                Bv += tl.sum(tl.load(row + (R + n[None, :]) * s_p_j, mask=p_ok[:, None], other=0.0), axis=0)
+                Cv += tl.sum(
+                    tl.load(row + (R + N + n[None, :]) * s_p_j, mask=p_ok[:, None], other=0.0), axis=0
+                )
+        else:
+            dtl = tl.load(dtl_ptr + pid_b * s_dtl_b + r * s_dtl_r, mask=r_ok, other=0.0).to(
+                tl.float32
+            )  # (R,)
+            Bv = tl.load(B_ptr + pid_b * s_B_b + n * s_B_n).to(tl.float32)  # (N,)
+            Cv = tl.load(C_ptr + pid_b * s_C_b + n * s_C_n).to(tl.float32)
         # dt = softplus(W_dt @ dt_low + bias) for this block of channels, fp32
-        dtl = tl.load(dtl_ptr + pid_b * s_dtl_b + r * s_dtl_r, mask=r_ok, other=0.0).to(tl.float32)  # (R,)
         w = tl.load(
             w_ptr + e[:, None] * s_w_e + r[None, :] * s_w_r, mask=e_ok[:, None] & r_ok[None, :], other=0.0
         ).to(tl.float32)  # (BE, R)
@@ -77,8 +99,6 @@ if triton is not None:
         A = tl.load(A_ptr + e[:, None] * s_A_e + n[None, :] * s_A_n, mask=e_ok[:, None], other=0.0).to(
             tl.float32
         )  # (BE, N)
-        Bv = tl.load(B_ptr + pid_b * s_B_b + n * s_B_n).to(tl.float32)  # (N,)
-        Cv = tl.load(C_ptr + pid_b * s_C_b + n * s_C_n).to(tl.float32)
         st_ptrs = state_ptr + pid_b * s_st_b + e[:, None] * s_st_e + n[None, :] * s_st_n
         h = tl.load(st_ptrs, mask=e_ok[:, None], other=0.0).to(tl.float32)  # (BE, N)
         h = h * tl.exp(A * dt[:, None]) + Bv[None, :] * (dt * x)[:, None]
@@ -96,12 +116,13 @@ if triton is not None:
 
     @triton.jit
     def _add_norm_linear_kernel(
-        h_ptr, r_ptr, nw_ptr, w_ptr, out_ptr, res_out_ptr, cs_ptr, cw_ptr, cb_ptr,
-        D, NOUT, eps, E_CONV, CONV_LO,
+        h_ptr, r_ptr, nw_ptr, w_ptr, out_ptr, res_out_ptr, cs_ptr, cw_ptr, cb_ptr, xw_ptr, part_ptr,
+        D, NOUT, eps, E_CONV, CONV_LO, J,
         s_h_b, s_h_d, s_r_b, s_r_d, s_w_o, s_w_d, s_o_b, s_o_o, s_ro_b, s_ro_d,
-        s_cs_b, s_cs_e, s_cs_k, s_cw_e, s_cw_k,
+        s_cs_b, s_cs_e, s_cs_k, s_cw_e, s_cw_k, s_xw_j, s_xw_e, s_p_b, s_p_p, s_p_j,
         BLOCK_D: tl.constexpr, BLOCK_O: tl.constexpr, HAS_RES: tl.constexpr, NORM_DTYPE: tl.constexpr,
         HAS_CONV: tl.constexpr, HAS_CB: tl.constexpr, KW: tl.constexpr, KPAD: tl.constexpr,
+        HAS_XPROJ: tl.constexpr, J_PAD: tl.constexpr,
     ):  # fmt: skip
         pid_b = tl.program_id(0)
         pid_o = tl.program_id(1)
@@ -163,6 +184,17 @@ if triton is not None:
                 mask=is_x[:, None] & (j[None, :] < KW - 1),
             )
             acc = tl.where(is_x, c, acc)
+            if HAS_XPROJ:  # x_proj's partial product over this program's channels (conv outputs)
+                jj = tl.arange(0, J_PAD)
+                xr = tl.where(is_x, c.to(out_ptr.dtype.element_ty).to(tl.float32), 0.0)  # as x_proj reads it
+                wx = tl.load(
+                    xw_ptr + jj[:, None] * s_xw_j + oc[None, :] * s_xw_e,
+                    mask=(jj[:, None] < J) & is_x[None, :],
+                    other=0.0,
+                ).to(tl.float32)  # (J_PAD, BO)
+                part = tl.sum(wx * xr[None, :], axis=1)
+                if pid_o * BLOCK_O < CONV_LO + E_CONV:  # programs holding conv channels (CONV_LO = 0)
+                    tl.store(part_ptr + pid_b * s_p_b + pid_o * s_p_p + jj * s_p_j, part, mask=jj < J)
         tl.store(out_ptr + pid_b * s_o_b + o * s_o_o, acc.to(out_ptr.dtype.element_ty), mask=o_ok)
 
 
@@ -183,7 +215,8 @@ def add_rms_norm_linear(
     conv_weight: Tensor | None = None,
     conv_bias: Tensor | None = None,
     conv_offset: int = 0,
-) -> tuple[Tensor, Tensor]:
+    xproj_weight: Tensor | None = None,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
     """(hidden + residual) -> (RMSNorm(it) @ weight^T, it): a block's add + norm and in_proj in one
     kernel. hidden (b,d), residual (b,d) or None, norm_weight (d,), weight (o,d). Returns (out (b,o)
     in ``out_dtype`` (default hidden's), the new residual (b,d), fp32 with ``residual_in_fp32``).
@@ -194,6 +227,14 @@ def add_rms_norm_linear(
     d_inner) also take the causal conv's one-token step with SiLU, ``causal_conv1d_update``'s
     arithmetic (fp32, x rounded to ``out_dtype`` first): out[:, offset:offset + e] is the conv's
     output and ``conv_state`` is updated in place, one launch fewer per layer and token.
+
+    With ``xproj_weight`` (j,e) as well (Mamba-1's x_proj, conv_offset 0), each program holding conv
+    channels also multiplies its block of the conv's output (rounded to ``out_dtype``, as x_proj
+    reads it) by those columns of x_proj, and a third output is returned: the partial products
+    (b, cdiv(e, block_o), j) fp32, whose sum over blocks is x_proj's output. The state update sums
+    them itself (:func:`selective_state_update_dtproj_` with ``partials``), so x_proj needs no
+    launch of its own: at b=1 it is a (1536 -> 80) matrix-vector product, which cuBLAS runs on
+    two thread blocks.
 
     ``block_o`` output rows per program: the product is a matrix-vector one, bound by reading W,
     so it needs programs on every SM (64 rows a program, 48 programs at o=3072, took 16 us a layer
@@ -234,18 +275,30 @@ def add_rms_norm_linear(
                 f"{None if conv_state is None else tuple(conv_state.shape)}, offset {conv_offset}, "
                 f"in_proj outputs {o}, batch {b}"
             )
+    has_xp = xproj_weight is not None
+    if has_xp and (not has_conv or conv_offset != 0 or xproj_weight.shape[1] != conv_weight.shape[0]):
+        raise ValueError(
+            f"x_proj's partial products need the conv step at offset 0 over its e inputs: x_proj "
+            f"{tuple(xproj_weight.shape)}, conv {None if conv_weight is None else tuple(conv_weight.shape)}, "
+            f"offset {conv_offset}"
+        )
+    n_part = triton.cdiv(conv_weight.shape[0], block_o) if has_xp else 1
+    part = torch.empty(
+        b, n_part, xproj_weight.shape[0] if has_xp else 1, device=hidden.device, dtype=torch.float32
+    )
+    xw = xproj_weight if has_xp else weight
     cs, cw = (conv_state, conv_weight) if has_conv else (out, weight)  # never read without the conv
     _add_norm_linear_kernel[(b, triton.cdiv(o, block_o))](
-        hidden, rr, norm_weight, weight, out, res_out, cs, cw, conv_bias if conv_bias is not None else cw,
-        d, o, eps, conv_weight.shape[0] if has_conv else 0, conv_offset,
+        hidden, rr, norm_weight, weight, out, res_out, cs, cw, conv_bias if conv_bias is not None else cw, xw, part,
+        d, o, eps, conv_weight.shape[0] if has_conv else 0, conv_offset, xw.shape[0],
         *hidden.stride(), *rr.stride(), *weight.stride(), *out.stride(), *res_out.stride(),
-        *(cs.stride() if has_conv else (0, 0, 0)), *cw.stride(),
+        *(cs.stride() if has_conv else (0, 0, 0)), *cw.stride(), *xw.stride(), *part.stride(),
         BLOCK_D=min(256, triton.next_power_of_2(d)), BLOCK_O=block_o, HAS_RES=residual is not None,
         NORM_DTYPE=getattr(tl, _TL_DTYPES[out_dtype]), HAS_CONV=has_conv, HAS_CB=conv_bias is not None,
         KW=conv_weight.shape[1] if has_conv else 2, KPAD=triton.next_power_of_2(conv_weight.shape[1]) if has_conv else 2,
-        num_warps=num_warps,
+        HAS_XPROJ=has_xp, J_PAD=triton.next_power_of_2(xw.shape[0]) if has_xp else 2, num_warps=num_warps,
     )  # fmt: skip
-    return out, res_out
+    return (out, res_out, part) if has_xp else (out, res_out)
 
 
 def add_rms_norm_linear_ref(
@@ -260,8 +313,11 @@ def add_rms_norm_linear_ref(
     conv_weight: Tensor | None = None,
     conv_bias: Tensor | None = None,
     conv_offset: int = 0,
-) -> tuple[Tensor, Tensor]:
-    """The plain twin of :func:`add_rms_norm_linear` (``conv_state`` updated in place)."""
+    xproj_weight: Tensor | None = None,
+    block_o: int = 8,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor]:
+    """The plain twin of :func:`add_rms_norm_linear` (``conv_state`` updated in place; with
+    ``xproj_weight`` the partial products per block of ``block_o`` conv channels too)."""
     out_dtype = out_dtype or hidden.dtype
     r = hidden.float() if residual is None else hidden.float() + residual.float()
     x = (r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps) * norm_weight.float()).to(out_dtype)
@@ -273,7 +329,15 @@ def add_rms_norm_linear_ref(
         conv_state.copy_(win[..., 1:])
         out = torch.cat([out[:, :lo], F.silu(c).to(out_dtype), out[:, lo + e :]], dim=-1)
     res = r if residual_in_fp32 else r.to(residual.dtype if residual is not None else hidden.dtype)
-    return out, res
+    if xproj_weight is None:
+        return out, res
+    e = conv_weight.shape[0]
+    xc = out[:, :e].float()
+    nb = -(-e // block_o)
+    pad = nb * block_o - e
+    xb = F.pad(xc, (0, pad)).view(-1, nb, block_o)  # (b, blocks, bo)
+    wb = F.pad(xproj_weight.float(), (0, pad)).view(xproj_weight.shape[0], nb, block_o)  # (j, blocks, bo)
+    return out, res, torch.einsum("bpk,jpk->bpj", xb, wb)
 
 
 if triton is not None:
@@ -390,6 +454,7 @@ def selective_state_update_dtproj_(
     z: Tensor | None = None,
     block_e: int = 32,
     num_warps: int | None = None,
+    partials: Tensor | None = None,
 ) -> Tensor:
     """One step with dt = softplus(dt_low @ dt_weight^T + dt_bias); ``state`` (b,e,n) updated in place.
 
@@ -399,30 +464,44 @@ def selective_state_update_dtproj_(
     ``num_warps`` None = 4 up to b=8, 1 above (the sweep of ``benchmarks/bench_step_kernels.py``:
     2.0 / 2.3 / 5.0 us at b=1 / 8 / 64 against 3.9 / 4.2 / 7.4 for cuBLAS's dt_proj + mamba_ssm's
     update).
+
+    ``partials`` (b, p, r + 2n) fp32 instead of dt_low, B and C (pass None for them): x_proj's partial
+    products from :func:`add_rms_norm_linear` with ``xproj_weight``, summed here by every program
+    (p x (r + 2n) values from L2) in place of reading x_proj's output.
     """
     if triton is None:
         raise RuntimeError("the fused decode step needs triton")
     b, e = x.shape
-    n, r = A.shape[1], dt_low.shape[1]
+    n, r = A.shape[1], dt_weight.shape[1]
     if n & (n - 1):
         raise ValueError(f"the fused decode step needs a power-of-two state size, got d_state={n}")
-    if state.shape != (b, e, n) or dt_weight.shape != (e, r) or B.shape != (b, n) or C.shape != (b, n):
+    if partials is not None:
+        if partials.dim() != 3 or partials.shape[0] != b or partials.shape[2] != r + 2 * n:
+            raise ValueError(
+                f"partials {tuple(partials.shape)}: expected (b={b}, blocks, r + 2n = {r + 2 * n})"
+            )
+        dt_low = B = C = partials[:, 0]  # never read: the kernel sums the partials
+    elif state.shape != (b, e, n) or dt_low.shape != (b, r) or B.shape != (b, n) or C.shape != (b, n):
         raise ValueError(
             f"shapes: state {tuple(state.shape)}, x {tuple(x.shape)}, dt_low {tuple(dt_low.shape)}, "
             f"dt_weight {tuple(dt_weight.shape)}, B {tuple(B.shape)}, C {tuple(C.shape)}"
         )
+    if state.shape != (b, e, n):
+        raise ValueError(f"shapes: state {tuple(state.shape)}, x {tuple(x.shape)}, A {tuple(A.shape)}")
+    part = partials if partials is not None else x.new_empty(1, 1, 1)
     out = torch.empty_like(x)
     block_e = min(block_e, triton.next_power_of_2(e))
     dummy = x  # never read when the flag is off
     zz = z if z is not None else dummy
     _step_kernel[(b, triton.cdiv(e, block_e))](
         state, x, dt_low, dt_weight, dt_bias if dt_bias is not None else dummy, A, B, C,
-        D if D is not None else dummy, zz, out,
-        e, r,
+        D if D is not None else dummy, zz, out, part,
+        e, r, part.shape[1],
         *state.stride(), *x.stride(), *dt_low.stride(), *dt_weight.stride(), *A.stride(),
-        *B.stride(), *C.stride(), *zz.stride(), *out.stride(),
+        *B.stride(), *C.stride(), *zz.stride(), *out.stride(), *part.stride(),
         N=n, R_PAD=max(16, triton.next_power_of_2(r)), BLOCK_E=block_e,
-        HAS_BIAS=dt_bias is not None, HAS_D=D is not None, HAS_Z=z is not None,
+        HAS_BIAS=dt_bias is not None, HAS_D=D is not None, HAS_Z=z is not None, HAS_PART=partials is not None,
+        BLOCK_P=64,
         num_warps=num_warps or (4 if b <= 8 else 1),
     )  # fmt: skip
     return out
