@@ -44,9 +44,11 @@ def commit_of(data: dict, r: dict) -> str:
 def subtitle(data: dict) -> str:
     e = data["environment"]
     commits = sorted({commit_of(data, r) for r in data["records"]})
+    last = ((data.get("environments") or [e])[-1].get("git") or {}).get("commit", "?")[:7]
+    which = f"commit {commits[0]}" if len(commits) == 1 else f"{len(commits)} commits, latest run {last}"
     return (
         f"{e['device_name']}, torch {e['torch']}, mamba_ssm {e['mamba_ssm']}, "
-        f"causal_conv1d {e['causal_conv1d']}, commit{'s' if len(commits) > 1 else ''} {', '.join(commits)}"
+        f"causal_conv1d {e['causal_conv1d']}, {which}"
     )
 
 
@@ -149,13 +151,20 @@ def plot_decode(data: dict, out: Path) -> Path | None:
     several = len({commit_of(data, r) for r in ours}) > 1
     latest = commit_of(data, max(ours, key=lambda r: r.get("run", 0))) if ours else None
 
+    faint_labelled: set = set()
+
     def draw(ax, rs, x, y, style, who, label):
         for i, c in enumerate(sorted({commit_of(data, r) for r in rs})):
             part = sorted((r for r in rs if commit_of(data, r) == c), key=lambda r: r[x])
             faint = who == "ours" and several and c != latest
-            tag = f" @{c}" if who == "ours" and several else ""
+            if faint:  # older commits of ours: faint, one legend entry per axis
+                lab = None if ax in faint_labelled else "ours, earlier commits"
+                faint_labelled.add(ax)
+            else:
+                tag = f" @{c}" if who == "ours" and several else ""
+                lab = label + tag if tag or i == 0 else None
             ax.plot([r[x] for r in part], [r[y] for r in part], style, color=COLORS[who],
-                    alpha=0.35 if faint else 1.0, label=label + tag if tag or i == 0 else None)  # fmt: skip
+                    alpha=0.25 if faint else 1.0, lw=0.8 if faint else 1.5, label=lab)  # fmt: skip
 
     for who in ("ours", "stock", "llama"):
         for bi, b in enumerate(batches[:: max(1, len(batches) // 2)] if len(batches) > 2 else batches):

@@ -376,10 +376,14 @@ def fused_xproj_switch() -> bool:
     """Where the conv step runs in in_proj's kernel (Mamba-1, batch 1), x_proj's product too: that
     kernel writes its partial products over each block of conv channels and the fused state update
     sums them (``triton_step.add_rms_norm_linear`` with ``xproj_weight``), so x_proj (a 1536 -> 80
-    matrix-vector product cuBLAS runs on two thread blocks, 5.8 us of a ~20 us layer on an H200)
-    needs no launch. Opt-in until measured on a GPU: ``VLM_MAMBA_FUSED_XPROJ=1``/``on`` (unset,
-    ``0``/``off``: off). The kernels equal their twins under Triton's interpreter
-    (tests/test_triton_step.py). Read when a step runs (set it before the first graph)."""
+    matrix-vector product, 4.4 us a layer on an H200 at b=1) needs no launch. Opt-in, because
+    measured slower: on an H200 (base LM, b=1, 1K context; run bfdba93) the state update summing
+    192 partials of 80 values took 7.6 us a layer against 2.7, so a step's device time went from
+    0.474 to 0.502 ms and decoding from 1.54x to 1.45x stock. Fewer, larger partials (or one atomic
+    sum) would be the next try. ``VLM_MAMBA_FUSED_XPROJ=1``/``on`` (unset, ``0``/``off``: off). The
+    kernels equal their twins under Triton's interpreter (tests/test_triton_step.py) and the graph
+    with it equals the unfused step on an H200 (tests/test_gpu_decoding.py). Read when a step runs
+    (set it before the first graph)."""
     v = os.environ.get(FUSED_XPROJ_ENV, "").strip().lower()
     if v not in ("", "1", "on", "0", "off"):
         raise ValueError(f"{FUSED_XPROJ_ENV}={v!r}: expected 1/on or 0/off (unset: off)")

@@ -233,8 +233,8 @@ def add_rms_norm_linear(
     reads it) by those columns of x_proj, and a third output is returned: the partial products
     (b, cdiv(e, block_o), j) fp32, whose sum over blocks is x_proj's output. The state update sums
     them itself (:func:`selective_state_update_dtproj_` with ``partials``), so x_proj needs no
-    launch of its own: at b=1 it is a (1536 -> 80) matrix-vector product, which cuBLAS runs on
-    two thread blocks.
+    launch of its own (opt-in, ``ops.fused_xproj_switch``: measured slower, the summing costs the
+    state update more than x_proj's launch).
 
     ``block_o`` output rows per program: the product is a matrix-vector one, bound by reading W,
     so it needs programs on every SM (64 rows a program, 48 programs at o=3072, took 16 us a layer
