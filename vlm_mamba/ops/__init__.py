@@ -5,7 +5,10 @@ Four families, each with the same function signatures (mamba_ssm's names and lay
 - ``cuda``: mamba_ssm ``selective_scan_fn`` / ``mamba_inner_fn`` / ``mamba_chunk_scan_combined`` /
   ``mamba_split_conv1d_scan_combined`` / ``selective_state_update``, its triton norms
   (``rms_norm_fn`` with the residual add fused, the gated ``rmsnorm_fn``) and causal_conv1d
-  ``causal_conv1d_fn`` / ``causal_conv1d_update`` (``vlm_mamba.ops.cuda``);
+  ``causal_conv1d_fn`` / ``causal_conv1d_update`` (``vlm_mamba.ops.cuda``), with our Triton kernels
+  where those have a gap: the scan from a cached state (``triton_scan``), a short prompt's conv
+  from its window (``triton_conv``), the fused decode step (``triton_step``) and the chunked
+  loss (``triton_ce``);
 - ``cpu``: the Mamba-1 selective scan as a C kernel fused over time, compiled on first use with the
   system C compiler (``vlm_mamba.ops.cpu_kernels``); every other op is the ``torch`` one;
 - ``torch``: pure PyTorch with autograd, the fastest form measured on a 2-core CPU per length
