@@ -17,8 +17,6 @@ around ``--calls`` calls: a host-bound call shows here). Prints a table, writes 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
 import sys
 from pathlib import Path
@@ -27,7 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.bench_step_kernels import per_call_us  # noqa: E402
+from benchmarks.bench_step_kernels import per_call_us, write_results  # noqa: E402
 
 CASES = [
     (1, 16),
@@ -123,20 +121,7 @@ def main() -> None:
         print(f"b={b:>4} L={L:>5} | " + " ".join(f"{k[:-3]} {v:.1f}" for k, v in row.items() if k.endswith("_us")),
               flush=True)  # fmt: skip
         torch.cuda.empty_cache()
-    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    try:
-        import mamba_ssm
-        import triton
-
-        env["triton"], env["mamba_ssm"] = triton.__version__, mamba_ssm.__version__
-    except ImportError:
-        pass
-    out = Path(args.out or f"benchmarks/results/scan_forms_{env['device'].lower().replace(' ', '_')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"env": env, "shape": {"e": e, "n": n}, "rows": rows}, indent=1))
-    os.replace(tmp, out)
-    print(f"results in {out}")
+    write_results("scan_forms", args.out, {"shape": {"e": e, "n": n}, "rows": rows})
 
 
 if __name__ == "__main__":

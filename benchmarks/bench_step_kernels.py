@@ -54,6 +54,24 @@ def per_call_us(fn, calls: int, reps: int) -> float:
     return statistics.median(times)
 
 
+def write_results(stem: str, out_arg: str | None, payload: dict) -> Path:
+    """``payload`` with the environment (device, torch, triton, mamba_ssm) as
+    ``benchmarks/results/<stem>_<device>.json`` (or ``out_arg``), written to a temporary file first."""
+    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    for name in ("triton", "mamba_ssm"):
+        try:
+            env[name] = __import__(name).__version__
+        except ImportError:
+            pass
+    out = Path(out_arg or f"benchmarks/results/{stem}_{env['device'].lower().replace(' ', '_')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps({"env": env, **payload}, indent=1))
+    os.replace(tmp, out)
+    print(f"results in {out}")
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8, 64])
@@ -178,19 +196,7 @@ def main() -> None:
     for x in rows:
         print(f"{x['kernel']:<52} {x['batch']:>3} {x.get('block', '-'):>5} {x.get('num_warps', '-'):>5} "
               f"{x['us']:>8.2f} {x.get('vs_unfused', float('nan')):>12.2f}")  # fmt: skip
-    env = {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    try:
-        import triton
-
-        env["triton"] = triton.__version__
-    except ImportError:
-        pass
-    out = Path(args.out or f"benchmarks/results/step_kernels_{env['device'].lower().replace(' ', '_')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps({"env": env, "rows": rows}, indent=1))
-    os.replace(tmp, out)
-    print(f"results in {out}")
+    write_results("step_kernels", args.out, {"rows": rows})
 
 
 if __name__ == "__main__":

@@ -109,7 +109,7 @@ class Block(nn.Module):
             from vlm_mamba.ops import triton_step
 
             w = m.in_proj.weight
-            out_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else w.dtype
+            out_dtype = ops.compute_dtype(w)
             conv = ops.fused_conv_switch()  # the conv step in the same kernel (default on)
             out = triton_step.add_rms_norm_linear(
                 hidden, residual, self.norm.weight, self.norm.eps, w, self.residual_in_fp32, out_dtype,

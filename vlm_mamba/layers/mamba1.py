@@ -49,6 +49,18 @@ def run_compacted(forward, x: Tensor, mask: Tensor, state, return_state: bool):
 FUSED_NORM_LINEAR_MAX_BATCH = 1
 
 
+def fused_linear_ok(layer: nn.Module, x: Tensor, kernel: str) -> bool:
+    """Whether a fused decode-step kernel may do ``layer``'s product on ``x`` (b, ...) itself (a norm
+    folded in front of it): the fused step switched on, at most FUSED_NORM_LINEAR_MAX_BATCH rows, a
+    plain linear without bias (``reads_weight_only``)."""
+    return (
+        x.shape[0] <= FUSED_NORM_LINEAR_MAX_BATCH
+        and layer.bias is None
+        and reads_weight_only(layer)
+        and ops.fused_step_enabled(x, kernel)
+    )
+
+
 def reads_weight_only(layer: nn.Module) -> bool:
     """Whether ``F.linear(x, layer.weight, layer.bias)`` is what ``layer(x)`` computes.
 
@@ -267,8 +279,7 @@ class MambaMixer(nn.Module):
 
         if torch.is_grad_enabled() or ops.kernel_family(self.kernel, x.device) != "cuda":
             return False
-        w = self.in_proj.weight
-        dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else w.dtype
+        dtype = ops.compute_dtype(self.in_proj.weight)
         if dtype not in (torch.float32, torch.bfloat16) or self.d_conv - 1 > 2 * self.d_state:
             return False
         return triton_scan.state_scan_form(x.shape[0], length) == "prefix"
@@ -327,12 +338,7 @@ class MambaMixer(nn.Module):
         """Whether the block may fold its add + norm into this mixer's in_proj for a decode step
         (``ops.triton_step.add_rms_norm_linear``): the fused step switched on, a small batch, a plain
         in_proj without bias."""
-        return (
-            x.shape[0] <= FUSED_NORM_LINEAR_MAX_BATCH
-            and self.in_proj.bias is None
-            and reads_weight_only(self.in_proj)
-            and ops.fused_step_enabled(x, self.kernel)
-        )
+        return fused_linear_ok(self.in_proj, x, self.kernel)
 
     def fused_in_proj_args(self, state: MixerState, conv: bool) -> dict:
         """``add_rms_norm_linear``'s arguments for this in_proj: with ``conv``, the conv step's (its

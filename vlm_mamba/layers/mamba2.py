@@ -16,9 +16,9 @@ from torch import Tensor, nn
 
 from vlm_mamba import ops
 from vlm_mamba.layers.mamba1 import (
-    FUSED_NORM_LINEAR_MAX_BATCH,
     PAD_DELTA,
     _keep_masked,
+    fused_linear_ok,
     init_dt_bias,
     reads_weight_only,
     run_compacted,
@@ -193,12 +193,7 @@ class Mamba2Mixer(nn.Module):
     def fused_in_proj_ok(self, x: Tensor) -> bool:
         """Whether the block may fold its add + norm (and the conv step) into in_proj for a decode step,
         as ``MambaMixer.fused_in_proj_ok``."""
-        return (
-            x.shape[0] <= FUSED_NORM_LINEAR_MAX_BATCH
-            and self.in_proj.bias is None
-            and reads_weight_only(self.in_proj)
-            and ops.fused_step_enabled(x, self.kernel)
-        )
+        return fused_linear_ok(self.in_proj, x, self.kernel)
 
     def fused_in_proj_args(self, state: MixerState, conv: bool) -> dict:
         """``add_rms_norm_linear``'s arguments for this in_proj: 4 outputs and 4 warps a program (on an
@@ -215,13 +210,7 @@ class Mamba2Mixer(nn.Module):
     def _fused_norm_out_ok(self, y: Tensor) -> bool:
         """The gated norm and out_proj as one kernel (``triton_step.rms_norm_gated_linear``): the fused
         step on, a small batch, one norm group, a plain out_proj without bias."""
-        return (
-            y.shape[0] <= FUSED_NORM_LINEAR_MAX_BATCH
-            and self.ngroups == 1
-            and self.out_proj.bias is None
-            and reads_weight_only(self.out_proj)
-            and ops.fused_step_enabled(y, self.kernel)
-        )
+        return self.ngroups == 1 and fused_linear_ok(self.out_proj, y, self.kernel)
 
     def step_xz_(
         self, zxbcdt: Tensor, state: MixerState, A: Tensor | None = None, conv_done: bool = False
@@ -245,9 +234,8 @@ class Mamba2Mixer(nn.Module):
             from vlm_mamba.ops import triton_step
 
             w = self.out_proj.weight
-            out_dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else w.dtype
             return triton_step.rms_norm_gated_linear(
-                y, z, self.norm.weight, self.norm.eps, w, self.norm.norm_before_gate, out_dtype
+                y, z, self.norm.weight, self.norm.eps, w, self.norm.norm_before_gate, ops.compute_dtype(w)
             )
         return self.out_proj(self.norm(y, z))
 

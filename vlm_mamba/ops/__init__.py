@@ -36,7 +36,7 @@ from torch import Tensor
 
 from vlm_mamba.ops import reference as _ref
 from vlm_mamba.ops import torch_ops as _torch
-from vlm_mamba.ops.linear_ce import linear_cross_entropy
+from vlm_mamba.ops.linear_ce import compute_dtype, linear_cross_entropy
 from vlm_mamba.ops.padding import compact_by_mask, conv_window, expand_index, gather_time, previous_real
 from vlm_mamba.ops.torch_ops import causal_conv1d_channels_last
 
@@ -64,6 +64,7 @@ __all__ = [
     "expand_index",
     "gather_time",
     "previous_real",
+    "compute_dtype",
     "linear_cross_entropy",
 ]
 

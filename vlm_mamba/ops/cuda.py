@@ -68,10 +68,7 @@ def causal_conv1d(x, weight, bias=None, initial_states=None, return_final_states
         initial_states is not None
         and x.shape[-1] <= triton_conv.MAX_LENGTH
         and triton_conv.available()
-        and not (
-            torch.is_grad_enabled()
-            and any(t is not None and t.requires_grad for t in (x, weight, bias, initial_states))
-        )
+        and not _needs_grad(x, weight, bias, initial_states)
     ):  # a short prompt from a cached window: one Triton launch (see ops.triton_conv)
         y = triton_conv.causal_conv1d_short(x, weight, bias, initial_states, activation)
         if return_final_states:
@@ -150,8 +147,13 @@ def _initial_state_kernel_ok(A, C, *tensors) -> bool:
     a call autograd must differentiate keeps the PyTorch form below (the kernel has no backward)."""
     if not triton_scan.available() or C.dim() != 3 or A.shape[1] & (A.shape[1] - 1):
         return False
-    grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (A, C, *tensors))
-    return not grad
+    return not _needs_grad(A, C, *tensors)
+
+
+def _needs_grad(*tensors) -> bool:
+    """Whether autograd will differentiate a call on ``tensors`` (None entries ignored): the Triton
+    kernels here have no backward."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def causal_conv1d_update_(x, conv_state, weight, bias=None, activation="silu"):

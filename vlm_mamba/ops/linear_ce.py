@@ -40,7 +40,8 @@ def _use_kernel(h: Tensor) -> bool:
     return triton_ce.available() and (h.is_cuda or os.environ.get("TRITON_INTERPRET") == "1")
 
 
-def _compute_dtype(h: Tensor) -> torch.dtype:
+def compute_dtype(h: Tensor) -> torch.dtype:
+    """The dtype a matmul on ``h`` runs in: autocast's for ``h``'s device where it is on, else h's."""
     if torch.is_autocast_enabled(h.device.type):
         return torch.get_autocast_dtype(h.device.type)
     return h.dtype
@@ -51,7 +52,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
     def forward(ctx, h: Tensor, w: Tensor, target: Tensor, row_weight: Tensor, chunk: int) -> Tensor:
         m = h.shape[0]
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        cdt = _compute_dtype(h)
+        cdt = compute_dtype(h)
         with torch.autocast(h.device.type, enabled=False):  # dtypes are chosen explicitly below
             wc = w.to(cdt)
             grad_h = torch.empty_like(h) if need_h else None
