@@ -87,6 +87,11 @@ from vlm_mamba.ops.triton_scan import STATE_SCAN_ENV  # noqa: E402
 
 T_START = time.perf_counter()  # --time-budget counts from here: imports and set-up are in it
 GiB = 2**30
+SAMPLING = {
+    "top_k": 50,
+    "top_p": 0.9,
+    "temperature": 0.7,
+}  # the decode section's sampling rows (--decode-sampling)
 PEAK_FLOPS = 989e12  # H100/H200 SXM bf16 dense, datasheet
 RESULTS = Path(__file__).resolve().parent / "results"
 SECTIONS = ("lm_vs_stock", "arch", "arch_lm", "lengths", "decode", "prefill", "vision", "vqa")
@@ -1064,6 +1069,14 @@ class Suite:
                 else []
             ),
             ("stock", "mamba1", lambda: self.build_stock("mamba1").to(torch.bfloat16).eval()),
+            *(
+                [
+                    ("ours_sample", "mamba1", lambda: ours),
+                    ("stock_sample", "mamba1", lambda: self.build_stock("mamba1").to(torch.bfloat16).eval()),
+                ]  # fmt: skip
+                if getattr(self.args, "decode_sampling", False)
+                else []
+            ),
             ("llama", "-", lambda: self.build_llama(target).to(torch.bfloat16).eval()),
             ("ours", "mamba2", ours2),
             ("stock", "mamba2", lambda: self.build_stock("mamba2").to(torch.bfloat16).eval()),
@@ -1091,7 +1104,9 @@ class Suite:
                 "ours_unfused": OursDecoder,
                 "ours_fused_conv": OursDecoder,
                 "ours_fused_xproj": OursDecoder,
+                "ours_sample": OursDecoder,
                 "stock": StockDecoder,
+                "stock_sample": StockDecoder,
                 "llama": LlamaDecoder,
             }[who](model, self)
             if who.startswith("ours"):  # ours: the default (fused at b <= ops.FUSED_STEP_MAX_BATCH)
@@ -1102,19 +1117,26 @@ class Suite:
                 )
                 dec.path += {True: " [+ conv step in in_proj's kernel, VLM_MAMBA_FUSED_CONV=1]",
                              False: " [conv step as its own kernel, VLM_MAMBA_FUSED_CONV=0]"}.get(dec.fused_conv, "")  # fmt: skip
+                if who == "ours_sample":
+                    dec.sample_kw = dict(SAMPLING, do_sample=True, seed=0)
+                    dec.path += f" [sampling {SAMPLING}, the sampler inside the decode graph]"
+            if who == "stock_sample":
+                dec.sample_kw = dict(SAMPLING)
+                dec.path = f"mamba_ssm MambaLMHeadModel.generate(cg=True, {SAMPLING}) [its sampler outside the graph]"
+            if who.startswith("ours"):
                 if who == "ours_fused_xproj":
                     dec.xproj = True
                     dec.path += " [x_proj's partials in in_proj's kernel, VLM_MAMBA_FUSED_XPROJ=1]"
-            dec.amp = weights.get(("ours" if who.startswith("ours") else who, ssm), (False, ""))[0]
+            base = "ours" if who.startswith("ours") else "stock" if who.startswith("stock") else who
+            dec.amp = weights.get((base, ssm), (False, ""))[0]
             decoders[who, ssm] = dec
         m2 = set(P.decode_mamba2)
         for i, (b, ctx) in enumerate(sorted(cases, key=lambda bc: (bc[0] * bc[1], bc))):
             for (who, ssm), dec in decoders.items():
                 if ssm == "mamba2" and (b, ctx) not in m2:
                     continue
-                wdesc = weights.get(
-                    ("ours" if who.startswith("ours") else who, ssm), (False, "bf16 weights")
-                )[1]
+                base = "ours" if who.startswith("ours") else "stock" if who.startswith("stock") else who
+                wdesc = weights.get((base, ssm), (False, "bf16 weights"))[1]
                 rec = {"section": "decode", "case": f"b={b} ctx={ctx}", "model": who, "ssm": ssm, "batch": b,
                        "context": ctx, "new_tokens": P.decode_new, "weights": wdesc,
                        "path": dec.path if isinstance(dec, Decoder) else None}  # fmt: skip
@@ -1580,6 +1602,7 @@ class OursDecoder(Decoder):
     fused: bool | None = None  # ops.set_fused_step for this decoder's calls (None: as set globally)
     fused_conv: bool | None = None  # VLM_MAMBA_FUSED_CONV=1/0 for this decoder's calls (None: unset)
     xproj: bool = False  # VLM_MAMBA_FUSED_XPROJ=1 for this decoder's calls (False: unset)
+    sample_kw: dict = {}  # generate's sampling arguments (empty: greedy)
 
     @torch.no_grad()
     def run(self, ids: torch.Tensor, k: int) -> torch.Tensor:
@@ -1602,7 +1625,7 @@ class OursDecoder(Decoder):
         m = self.model
         if self.native is not None:
             params = inspect.signature(self.native).parameters
-            kw = {"max_new_tokens": k}
+            kw = {"max_new_tokens": k, **self.sample_kw}
             if "eos_token_id" in params:
                 kw["eos_token_id"] = None
             out = self.native(ids, **kw)
@@ -1624,10 +1647,12 @@ class StockDecoder(Decoder):
     """mamba_ssm's ``generate(cg=True)``: its graph cache is captured in ``prepare`` (the largest length)."""
 
     path = "mamba_ssm MambaLMHeadModel.generate(cg=True, top_k=1)"
+    sample_kw: dict = {}  # generate's sampling arguments (empty: greedy, top_k=1)
 
     @torch.no_grad()
     def run(self, ids: torch.Tensor, k: int) -> torch.Tensor:
-        out = self.model.generate(ids, max_length=ids.shape[1] + k, cg=True, top_k=1)
+        kw = self.sample_kw or {"top_k": 1}
+        out = self.model.generate(ids, max_length=ids.shape[1] + k, cg=True, **kw)
         return out[:, ids.shape[1] :]
 
     def release(self) -> None:
@@ -1881,9 +1906,11 @@ def summarize(records: list[dict]) -> dict:
         if r["section"] == "decode" and r["model"].startswith("ours") and "itl_ms" in r:
             fused = {"ours_fused": ", fused step forced, conv separate", "ours_unfused": ", unfused step forced",
                      "ours_fused_conv": ", fused step + conv in in_proj",
-                     "ours_fused_xproj": ", + x_proj's partials in in_proj (opt-in)"}.get(r["model"], "")  # fmt: skip
-            for ref_name in ("stock", "llama") if r["ssm"] == "mamba1" else ("stock",):
-                ssm = r["ssm"] if ref_name == "stock" else "-"
+                     "ours_fused_xproj": ", + x_proj's partials in in_proj (opt-in)",
+                     "ours_sample": ", sampling"}.get(r["model"], "")  # fmt: skip
+            refs = ("stock", "llama") if r["ssm"] == "mamba1" else ("stock",)
+            for ref_name in ("stock_sample",) if r["model"] == "ours_sample" else refs:
+                ssm = "-" if ref_name == "llama" else r["ssm"]
                 ref = _get(records, section="decode", case=r["case"], model=ref_name, ssm=ssm)
                 add(f"decode vs {ref_name} ({r['ssm']}{fused})", r["case"], r, ref, "decode_tokens_per_s", ref_name,
                     extra={"ours_itl_ms": r["itl_ms"], "ref_itl_ms": (ref or {}).get("itl_ms"),
@@ -2010,6 +2037,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--fused-xproj", action="store_true",
                     help="decode section: also a Mamba-1 row 'ours_fused_xproj' (VLM_MAMBA_FUSED_XPROJ=1: x_proj's "
                     "partial products in in_proj's kernel, summed by the state update), same run")  # fmt: skip
+    ap.add_argument("--decode-sampling", action="store_true",
+                    help=f"decode section: also Mamba-1 rows 'ours_sample' / 'stock_sample' (generate with {SAMPLING}; "
+                    "ours samples inside the decode graph, stock outside its graph), same run")  # fmt: skip
     ap.add_argument("--warmup", type=int)
     ap.add_argument("--git-info", help="JSON with the commit measured (written before a GPU call)")
     ap.add_argument("--out", type=Path, help="JSON path (default benchmarks/results/bench_gpu_<device>.json)")

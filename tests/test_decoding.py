@@ -222,3 +222,45 @@ def test_language_model_generate_and_vlm_generate_in_place():
     a = vlm.generate(images, prompt, max_new_tokens=5, eos_token_id=None, decoder="functional")
     b = vlm.generate(images, prompt, max_new_tokens=5, eos_token_id=None, decoder="inplace", num_beams=1)
     assert torch.equal(a, b)
+
+
+def _run_fused(lm, ids, mask, decoder, **kw):
+    """decode through the step function's select_step (step + token selection in one call), the
+    logits of every step recorded."""
+    cfg = GenerationConfig(decoder=decoder, **kw)
+    step = decoding.make_step_fn(lm, decoder, ids.device)
+    seen, inner = [], step.select_step
+
+    def select_step(tok, done, state, selector):
+        tok, done, logits, state = inner(tok, done, state, selector)
+        seen.append(logits.clone())
+        return tok, done, logits, state
+
+    step.select_step = select_step
+    with torch.no_grad():
+        out = lm(ids, attention_mask=mask, return_state=True, logits="last")
+        return decode(step, out.state, out.logits[:, -1], cfg), seen
+
+
+@pytest.mark.parametrize("ssm", ["mamba1", "mamba2"])
+@pytest.mark.parametrize(
+    "mode", [{}, {"do_sample": True, "top_k": 20, "seed": 5}, {"do_sample": True, "top_p": 0.8, "seed": 9}]
+)
+def test_step_and_selection_in_one_call_equal_the_functional_step(ssm, mode):
+    """The in-place decoders step and select in one call (what one graph replays on CUDA): the same
+    tokens, the same draws from the seed, and logits per element as the functional step."""
+    lm = _lm(ssm)
+    ids, mask = _prompts()
+    kw = dict(max_new_tokens=6, eos_token_id=None, **mode)
+    ref, ref_logits = _run(lm, ids, mask, "functional", **kw)
+    out, logits = _run_fused(lm, ids, mask, "inplace", **kw)
+    assert torch.equal(out, ref)
+    assert len(logits) == len(ref_logits) == 5
+    for a, b in zip(logits, ref_logits):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-6)
+    eos = int(ref[0, 1])  # rows stop at their EOS and pad after it, in the fused loop too
+    a, _ = _run(lm, ids, mask, "functional", max_new_tokens=8, eos_token_id=eos, sync_every=2, **mode)
+    b, _ = _run_fused(lm, ids, mask, "inplace", max_new_tokens=8, eos_token_id=eos, sync_every=2, **mode)
+    assert torch.equal(a, b)
+    first = int((a[0] == eos).nonzero()[0, 0])
+    assert first <= 1 and (a[0, first + 1 :] == 0).all()  # padding after the first row's EOS

@@ -81,40 +81,84 @@ def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: f
     return logits
 
 
+class TokenSelector:
+    """Each row's next token from its logits (b, V): greedy argmax, or a sample after temperature,
+    top-k and top-p; padding after a row's EOS, and ``done`` (b,) updated in place.
+
+    A sample is drawn by the exponential race, ``argmax(p / E)`` with ``E ~ Exp(1)`` i.i.d. per
+    entry: ``E_i / p_i`` is exponential with rate ``p_i``, so the smallest is ``i`` with probability
+    ``p_i``, an exact draw from ``p`` (as vLLM's sampler draws). Unlike ``torch.multinomial`` it is
+    fixed-shape tensor work with no host read, so the decode step's CUDA graph can hold it
+    (``vlm_mamba.models.decoding``). The noise comes from this selector's own generator, seeded by
+    ``seed`` (or, when it is None, from torch's default CPU generator: ``torch.manual_seed`` makes
+    it repeatable), the same draws whichever decoder steps the model.
+    """
+
+    def __init__(self, cfg: GenerationConfig, device: torch.device | str) -> None:
+        self.cfg = cfg
+        self.generator: torch.Generator | None = None
+        if cfg.do_sample:
+            seed = cfg.seed if cfg.seed is not None else int(torch.randint(0, 2**62, ()).item())
+            self.generator = torch.Generator(device=device).manual_seed(seed)
+
+    @property
+    def key(self) -> tuple:
+        """What the selection computes: a graph captured with one key is replayed only for it."""
+        c = self.cfg
+        return (c.do_sample, c.temperature, c.top_k, c.top_p, c.eos_token_id, c.pad_token_id)
+
+    def adopt(self, generator: torch.Generator) -> None:
+        """Draw from ``generator`` from now on, continuing this selector's stream (its state is
+        copied over): a captured graph reads the generator it was captured with."""
+        if self.generator is not None and generator is not self.generator:
+            generator.set_state(self.generator.get_state())
+            self.generator = generator
+
+    def __call__(self, logits: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
+        c = self.cfg
+        if c.do_sample:
+            probs = filter_logits(logits, c.temperature, c.top_k, c.top_p).softmax(-1)
+            race = torch.empty_like(probs).exponential_(generator=self.generator).clamp_min_(1e-30)
+            tok = (probs / race).argmax(-1)  # (b,)
+        else:
+            tok = logits.argmax(-1)  # (b,)
+        tok = tok.masked_fill(done, c.pad_token_id)
+        if c.eos_token_id is not None:
+            done |= tok == c.eos_token_id
+        return tok
+
+
 @torch.no_grad()
 def decode(step_fn: StepFn, state: Any, logits: torch.Tensor, cfg: GenerationConfig) -> torch.Tensor:
     """Generate from ``logits`` (b, V) of the last prompt position and the state after it.
 
-    Returns (b, n) token ids; each row stops at its EOS (kept), then ``pad_token_id``.
+    Returns (b, n) token ids; each row stops at its EOS (kept), then ``pad_token_id``. A step
+    function with a ``select_step(tokens, done, state, selector) -> (tokens, done, logits, state)``
+    attribute (the in-place decoders of ``vlm_mamba.models.decoding``) steps and chooses the next
+    tokens in one call: under a CUDA graph, the model's step and the sampler are one replay.
     """
     if cfg.num_beams > 1:
         return _beam_search(step_fn, state, logits, cfg)
-    gen = None
-    if cfg.do_sample and cfg.seed is not None:
-        gen = torch.Generator(device=logits.device).manual_seed(cfg.seed)
+    select = TokenSelector(cfg, logits.device)
+    fused = getattr(step_fn, "select_step", None)
     b = logits.shape[0]
     done = torch.zeros(b, dtype=torch.bool, device=logits.device)
     out = torch.full((b, cfg.max_new_tokens), cfg.pad_token_id, dtype=torch.long, device=logits.device)
+    tok = select(logits, done)
+    out[:, 0] = tok
     n = cfg.max_new_tokens  # columns to return: up to the step where the last row finished
-    for i in range(cfg.max_new_tokens):
-        if cfg.do_sample:
-            probs = filter_logits(logits, cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)
-            tok = torch.multinomial(probs, 1, generator=gen).squeeze(1)  # (b,)
-        else:
-            tok = logits.argmax(-1)  # (b,)
-        tok = tok.masked_fill(done, cfg.pad_token_id)
-        out[:, i] = tok
-        if cfg.eos_token_id is not None:
-            done |= tok == cfg.eos_token_id
-        last = i == cfg.max_new_tokens - 1
+    for i in range(1, cfg.max_new_tokens):
         # the exit test reads the device: only every sync_every tokens (a finished row's extra
         # steps emit padding, cut below), so the loop otherwise only launches work
-        if not last and (i + 1) % cfg.sync_every == 0 and bool(done.all()):
-            n = i + 1
+        if i % cfg.sync_every == 0 and bool(done.all()):
+            n = i
             break
-        if last:
-            break
-        logits, state = step_fn(tok, state)
+        if fused is not None:
+            tok, done, _, state = fused(tok, done, state, select)
+        else:
+            logits, state = step_fn(tok, state)
+            tok = select(logits, done)
+        out[:, i] = tok
     return _trim(out[:, :n], done, cfg)
 
 

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from .. import ops
+from ..generation import TokenSelector
 from ..layers.state import InferenceState, MixerState
 from .graphs import CapturedCall, graph_unavailable_reason, sharded
 
@@ -59,6 +60,11 @@ class DecodeCache:
             self.A = [layer.mixer.decode_A() for layer in lm.layers]
         self.graph: GraphedStep | None = None
         self.graph_failed = False
+        # step + token selection, one graph per selection (TokenSelector.key), drawing samples
+        # from this cache's generator (a graph reads the generator it was captured with)
+        self.select_graphs: dict[tuple, CapturedCall] = {}
+        self.select_failed = False
+        self.generator: torch.Generator | None = None
 
     @property
     def batch_size(self) -> int:
@@ -111,6 +117,54 @@ class DecodeCache:
         if self.graph is not None:
             return self.graph(tokens)
         return self.lm.step_(tokens, self)
+
+    def step_select(
+        self, tokens: Tensor, done: Tensor, selector: TokenSelector, cuda_graph: bool = False
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Step on ``tokens`` (b,), then choose the next tokens from the new logits with
+        ``selector`` (greedy or a sample; padding after EOS, ``done`` (b,) updated): returns
+        (next tokens, done, logits). With ``cuda_graph`` both are one replay of a graph captured per
+        selection; what it returns are the graph's buffers, valid until the next call, and handed
+        back to it as they are (no copy in). A capture that fails is logged once, then eager."""
+        if selector.generator is not None:
+            if self.generator is None:
+                self.generator = torch.Generator(device=self.state[0].ssm.device)
+            selector.adopt(self.generator)
+        if cuda_graph and not self.select_failed:
+            call = self.select_graphs.get(selector.key)
+            if call is None:
+                try:
+                    call = self.select_graphs[selector.key] = self._capture_select(selector, tokens, done)
+                except Exception as err:  # capture refused by an op: select eagerly, say why
+                    self.select_failed = True
+                    log.warning(
+                        "token selection runs outside the decode graph (capture failed: %s: %s)",
+                        type(err).__name__,
+                        err,
+                    )
+            if call is not None:
+                tok, done, logits = call.replay([tokens, done])
+                return tok, done, logits
+        logits = self.lm.step_(tokens, self)
+        return selector(logits, done), done, logits
+
+    def _capture_select(self, selector: TokenSelector, tokens: Tensor, done: Tensor) -> CapturedCall:
+        dev = self.state[0].ssm.device
+        if dev.type != "cuda":
+            raise RuntimeError(f"CUDA graphs need CUDA tensors, the decoding state is on {dev}")
+        if sharded(self.lm):
+            raise RuntimeError("the model's parameters are sharded (FSDP)")
+
+        def step_and_select(t: Tensor, d: Tensor) -> list[Tensor]:
+            logits = self.lm.step_(t, self)
+            t.copy_(selector(logits, d))  # the next step's input, in place (d is updated in place)
+            return [t, d, logits]
+
+        saved = self.snapshot()
+        gens = [self.generator] if selector.generator is not None else []
+        call = CapturedCall(step_and_select, [tokens, done], pool=None, generators=gens)
+        self.load_(saved)
+        return call
 
 
 class GraphedStep:
@@ -175,6 +229,12 @@ def step_fn(lm: Any, cuda_graph: bool = False):
         cache = state if isinstance(state, DecodeCache) else cache_for(lm, state)
         return cache.step(tokens, cuda_graph=cuda_graph), cache
 
+    def select_step(tokens: Tensor, done: Tensor, state: Any, selector: TokenSelector):
+        cache = state if isinstance(state, DecodeCache) else cache_for(lm, state)
+        tok, done, logits = cache.step_select(tokens, done, selector, cuda_graph=cuda_graph)
+        return tok, done, logits, cache
+
+    fn.select_step = select_step  # decode's step + selection in one call (one graph replay)
     return fn
 
 

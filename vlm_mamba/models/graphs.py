@@ -63,8 +63,17 @@ def sharded(model: torch.nn.Module) -> bool:
 class CapturedCall:
     """``fn(*inputs) -> sequence of tensors`` captured in one CUDA graph for these input shapes."""
 
-    def __init__(self, fn: Callable[..., Sequence[Tensor]], inputs: Sequence[Tensor], pool: Any) -> None:
+    def __init__(
+        self,
+        fn: Callable[..., Sequence[Tensor]],
+        inputs: Sequence[Tensor],
+        pool: Any,
+        generators: Sequence[torch.Generator] = (),
+    ) -> None:
+        """``generators``: the CUDA generators ``fn`` draws from besides the default one; each
+        replay advances them as a call would, and the warm-ups and capture leave them as they were."""
         dev = inputs[0].device
+        saved = [g.get_state() for g in generators]
         # normal tensors even when captured under torch.inference_mode (Lightning's validation):
         # an inference tensor cannot be written in place outside inference mode, so a graph
         # captured there could not be replayed from a plain no_grad call later
@@ -77,13 +86,19 @@ class CapturedCall:
                     fn(*self.inputs)
             torch.cuda.current_stream(dev).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
+            for g in generators:
+                self.graph.register_generator_state(g)
             with torch.cuda.graph(self.graph, pool=pool), uncached_autocast():
                 self.outputs = list(fn(*self.inputs))
+        for g, state in zip(generators, saved):
+            g.set_state(state)
 
     def replay(self, inputs: Sequence[Tensor]) -> list[Tensor]:
-        """The graph's own output buffers: valid until the next replay."""
+        """The graph's own output buffers: valid until the next replay. An input that is its own
+        static buffer (a graph that writes its next input in place) is not copied."""
         for buf, t in zip(self.inputs, inputs):
-            buf.copy_(t)
+            if t is not buf:
+                buf.copy_(t)
         self.graph.replay()
         return self.outputs
 
