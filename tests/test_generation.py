@@ -380,7 +380,13 @@ def test_sampler_draws_from_the_filtered_distribution():
     from vlm_mamba.generation import TokenSelector
 
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0, 1.5]]).expand(40000, -1)
-    for kw in ({"temperature": 0.7}, {"top_k": 3}, {"top_p": 0.8, "temperature": 1.3}):
+    cases = (
+        {"temperature": 0.7},
+        {"top_k": 3},
+        {"top_p": 0.8, "temperature": 1.3},
+        {"top_k": 4, "top_p": 0.7},
+    )
+    for kw in cases:  # top_k < V: top-p and the draw among the k best only
         cfg = GenerationConfig(do_sample=True, seed=11, **kw)
         probs = filter_logits(logits[:1], cfg.temperature, cfg.top_k, cfg.top_p).softmax(-1)[0]
         for seed in (11, 12):

@@ -66,17 +66,25 @@ class GenerationConfig:
             raise ValueError(f"sync_every must be >= 1, got {self.sync_every}")
 
 
-def filter_logits(logits: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
-    """Temperature, then top-k, then nucleus (top-p) filtering (Holtzman et al. 2020); (b, V) -> (b, V)."""
+def filter_logits(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, descending: bool = False
+) -> torch.Tensor:
+    """Temperature, then top-k, then nucleus (top-p) filtering (Holtzman et al. 2020); (b, V) -> (b, V).
+    ``descending``: each row is already sorted best first (no sort for top-p)."""
     logits = logits.float() / temperature
     if top_k > 0:
         kth = logits.topk(min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]  # (b, 1)
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p < 1.0:
-        sorted_logits, order = logits.sort(dim=-1, descending=True)
-        cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = cum - sorted_logits.softmax(-1) >= top_p  # keep the smallest prefix reaching top_p
+        if descending:
+            sorted_logits, order = logits, None
+        else:
+            sorted_logits, order = logits.sort(dim=-1, descending=True)
+        p = sorted_logits.softmax(-1)
+        drop = p.cumsum(-1) - p >= top_p  # keep the smallest prefix reaching top_p
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        if order is None:
+            return sorted_logits
         logits = torch.full_like(logits, float("-inf")).scatter(-1, order, sorted_logits)
     return logits
 
@@ -116,7 +124,14 @@ class TokenSelector:
 
     def __call__(self, logits: torch.Tensor, done: torch.Tensor) -> torch.Tensor:
         c = self.cfg
-        if c.do_sample:
+        if c.do_sample and 0 < c.top_k < logits.shape[-1]:
+            # the k best first (sorted), then temperature and top-p among them only: the same
+            # distribution as filtering the whole row, without sorting the vocabulary
+            vals, idx = logits.float().topk(c.top_k, dim=-1)  # (b, k), descending
+            probs = filter_logits(vals, c.temperature, 0, c.top_p, descending=True).softmax(-1)
+            race = torch.empty_like(probs).exponential_(generator=self.generator).clamp_min_(1e-30)
+            tok = idx.gather(-1, (probs / race).argmax(-1, keepdim=True)).squeeze(-1)  # (b,)
+        elif c.do_sample:
             probs = filter_logits(logits, c.temperature, c.top_k, c.top_p).softmax(-1)
             race = torch.empty_like(probs).exponential_(generator=self.generator).clamp_min_(1e-30)
             tok = (probs / race).argmax(-1)  # (b,)
