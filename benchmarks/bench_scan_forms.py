@@ -63,7 +63,9 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=20)
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--cases", nargs="+", help="BxL cases (default: the list above), e.g. 32x196 128x196")
     args = ap.parse_args()
+    cases = [tuple(int(v) for v in c.lower().split("x")) for c in args.cases] if args.cases else CASES
     if not torch.cuda.is_available():
         sys.exit("bench_scan_forms needs CUDA")
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
@@ -79,7 +81,7 @@ def main() -> None:
     D = torch.ones(e, device=dev)
     bias = torch.randn(e, device=dev) * 0.1
     conv_w, conv_b = torch.randn(e, 4, device=dev, dtype=bf), torch.randn(e, device=dev, dtype=bf)
-    conv_init = torch.randn(max(b for b, _ in CASES), e, 3, device=dev, dtype=bf)
+    conv_init = torch.randn(max(b for b, _ in cases), e, 3, device=dev, dtype=bf)
 
     def forms(b: int, L: int) -> dict:
         """The three calls over one set of inputs (freed with the closures)."""
@@ -94,6 +96,9 @@ def main() -> None:
         return {
             "from_zero": lambda: selective_scan_fn(u, delta, A, B, C, D, z, bias, True, True),
             "one_pass": lambda: TS.selective_scan_from_state(u, delta, A, B, C, D, z, bias, True, h0),
+            "seq_from_zero": lambda: TS.selective_scan_from_state(
+                u, delta, A, B, C, D, z, bias, True, torch.zeros_like(h0), sequential=True
+            ),  # VLM_MAMBA_SHORT_SCAN=1: the step-at-a-time kernel for a scan without a state
             "one_pass_blocks": lambda: TS.selective_scan_from_state(
                 u, delta, A, B, C, D, z, bias, True, h0, sequential=False
             ),
@@ -112,7 +117,7 @@ def main() -> None:
             TC.MAX_LENGTH = saved
 
     rows = []
-    for b, L in CASES:
+    for b, L in cases:
         row = {"batch": b, "length": L}
         for name, fn in forms(b, L).items():
             row[f"{name}_graph_us"] = per_call_us(fn, args.calls, args.reps)

@@ -7,7 +7,7 @@ Needs a GPU and the kernels (``pytest -m gpu tests/test_gpu_prefill.py``)."""
 import pytest
 import torch
 
-from tests.gpu_util import DEV, FAST, close, kernels_missing
+from tests.gpu_util import DEV, DRY, FAST, close, kernels_missing
 from vlm_mamba import create_model, ops
 from vlm_mamba.layers.mamba1 import PAD_DELTA
 from vlm_mamba.ops import cuda as ops_cuda
@@ -147,3 +147,53 @@ def test_prefill_graphs_equal_the_eager_prefill(weights):
     agree = (a == b).float().mean().item(), (a2 == b2).float().mean().item()
     assert min(agree) >= 0.85, agree  # bf16 rounding may flip a near-tie late in a row
     assert torch.equal(a[:, :2], b[:, :2]) and torch.equal(a2[:, :2], b2[:, :2])
+
+
+@pytest.mark.parametrize("pads", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_short_scan_from_zero_equals_the_reference_scan(dtype, pads, monkeypatch):
+    """VLM_MAMBA_SHORT_SCAN=1: a forward-only scan without a state up to SHORT_SCAN_MAX_LENGTH
+    tokens runs the step-at-a-time Triton kernel from a zero state, equal to the reference scan per
+    element (output and last state), and a longer one keeps mamba_ssm's scan."""
+    monkeypatch.setenv(triton_scan.SHORT_SCAN_ENV, "1")
+    t = _scan_inputs(dtype, length=196, pads=pads)
+    t.pop("initial_state")
+    calls = []
+    real = triton_scan.selective_scan_from_state
+    monkeypatch.setattr(
+        triton_scan, "selective_scan_from_state", lambda *a, **k: calls.append(1) or real(*a, **k)
+    )
+    with torch.no_grad():
+        y, last = ops.selective_scan(**t, delta_softplus=True, return_last_state=True, kernel=FAST)
+        ry, rlast = selective_scan_ref(**t, delta_softplus=True, return_last_state=True)
+        assert DRY or calls == [1]
+        ops.selective_scan(**_scan_inputs(dtype, length=300), delta_softplus=True, kernel=FAST)
+        assert DRY or calls == [1]  # 300 tokens > SHORT_SCAN_MAX_LENGTH: mamba_ssm's scan (with its h0 term)
+    tol = (1e-4, 1e-4) if dtype == torch.float32 else (2e-2, 5e-2)
+    close(y, ry, *tol, what=f"short scan y {dtype} pads={pads}")
+    close(last, rlast, 1e-4, 1e-4, what=f"short scan last state {dtype} pads={pads}")
+
+
+def test_short_scan_in_the_vlm_equals_mamba_ssm(monkeypatch):
+    """The VLM's inference with VLM_MAMBA_SHORT_SCAN=1 (vision encoder off mamba_inner_fn, the image's
+    LM prefill, the prompt's): the image states per element, and generate's tokens and first logits,
+    equal the default kernels', with prefill graphs (a graph is captured per setting)."""
+    from vlm_mamba.models.graphs import graph_cache
+
+    torch.manual_seed(0)
+    model = create_model("small").to(DEV).to(torch.bfloat16).eval()
+    images = torch.randn(4, 3, 224, 224, device=DEV, dtype=torch.bfloat16)
+    ids = torch.randint(3, 5000, (4, 12), device=DEV)
+    out = {}
+    for flag in ("0", "1"):
+        monkeypatch.setenv(triton_scan.SHORT_SCAN_ENV, flag)
+        with torch.no_grad():
+            states = model.prefill_images(images)
+            toks = [model.generate(images, ids, max_new_tokens=6, eos_token_id=None) for _ in range(3)]
+        out[flag] = states, toks
+    (s0, t0), (s1, t1) = out["0"], out["1"]
+    for i, (a, b) in enumerate(zip(s0, s1)):
+        close(b.ssm, a.ssm, 2e-2, 5e-2, what=f"short scan image state layer {i}")
+    assert all(torch.equal(t, t0[0]) for t in t0) and all(torch.equal(t, t1[0]) for t in t1)
+    assert (t0[0] == t1[0]).float().mean().item() >= 0.85 and torch.equal(t0[0][:, :2], t1[0][:, :2])
+    assert DRY or graph_cache(model).captures >= 2  # the image graph under each setting

@@ -184,6 +184,18 @@ class MambaMixer(nn.Module):
             reads_weight_only(layer) for layer in (self.x_proj, self.dt_proj, self.out_proj)
         )
 
+    def _short_scan(self, x: Tensor, length: int) -> bool:
+        """A forward-only call short enough for the step-at-a-time scan (opt-in,
+        ``ops.triton_scan.SHORT_SCAN_ENV``) leaves mamba_inner_fn for the split path, whose scan
+        takes that kernel (``ops.cuda.selective_scan``)."""
+        from vlm_mamba.ops import triton_scan
+
+        return (
+            not torch.is_grad_enabled()
+            and ops.kernel_family(self.kernel, x.device) == "cuda"
+            and triton_scan.short_scan_applies(length)
+        )
+
     def _xz(self, x: Tensor) -> Tensor:
         """in_proj for mamba_inner_fn: x (b,l,d) -> xz (b,2e,l) with unit stride along l, computed as
         mamba_ssm's ``Mamba.forward`` does (W @ x^T), so the kernel needs no ``.contiguous()`` copy."""
@@ -220,7 +232,7 @@ class MambaMixer(nn.Module):
         if not return_state:  # trailing pads cannot reach a real position (causal): no masking
             lengths = None
         A = -torch.exp(self.A_log.float())  # (e,n)
-        if state is None and not return_state and self._fused_ok(x):
+        if state is None and not return_state and self._fused_ok(x) and not self._short_scan(x, L):
             # weights read through the attributes now, so a LoRA wrapper's merged .weight is used
             return ops.mamba_inner(
                 self._xz(x), self.conv1d.weight, self.conv1d.bias, self.x_proj.weight, self.dt_proj.weight,

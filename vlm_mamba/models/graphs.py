@@ -30,6 +30,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from ..ops import triton_scan
+
 log = logging.getLogger(__name__)
 
 
@@ -129,7 +131,14 @@ class GraphCache:
         model = self.model()
         weights = tuple(p.data_ptr() for p in model.parameters()) if model is not None else ()
         amp = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
-        return (name, amp, hash(weights), tuple((tuple(t.shape), t.dtype, str(t.device)) for t in inputs))
+        kernels = triton_scan.short_scan_switch()  # a graph holds the scan kernels chosen at capture
+        return (
+            name,
+            amp,
+            kernels,
+            hash(weights),
+            tuple((tuple(t.shape), t.dtype, str(t.device)) for t in inputs),
+        )
 
     def run(
         self, name: str, fn: Callable[..., Sequence[Tensor]], inputs: Sequence[Tensor]

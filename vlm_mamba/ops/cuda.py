@@ -109,6 +109,17 @@ def selective_scan(
 ):  # fmt: skip
     """mamba_ssm ``selective_scan_fn`` plus ``initial_state`` (b,e,n), added by linearity (see top)."""
     K = load()
+    if (
+        initial_state is None
+        and triton_scan.short_scan_applies(u.shape[-1])
+        and B.dim() == 3
+        and _initial_state_kernel_ok(A, C, u, delta, B, D, z, delta_bias)
+    ):  # short forward-only scans: the step-at-a-time Triton kernel from a zero state (opt-in)
+        h0 = torch.zeros(u.shape[0], u.shape[1], A.shape[1], device=u.device, dtype=torch.float32)
+        y, last = triton_scan.selective_scan_from_state(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, sequential=True
+        )
+        return (y, last) if return_last_state else y
     if initial_state is None:
         return K.selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
     if (

@@ -66,6 +66,30 @@ ONE_PASS_MAX_TOKENS = 8192
 # ~0.7 us a step, so two passes win again from ~100 tokens (62 us at 128); 32 is the measured side.
 SEQUENTIAL_MAX_LENGTH = 32
 
+# The same step-at-a-time kernel (from a zero state) for short forward-only scans without a state,
+# where mamba_ssm's scan is latency-bound too: an image of 196 patches through the vision encoder
+# and the image's LM prefill of a VQA batch (mamba_ssm's forward at b=32 x 196 tokens took 0.39 ms a
+# layer on an H200, its kernel traits <32 threads, 8 items> below 256 tokens). Opt-in until
+# measured against it in the suite: ``VLM_MAMBA_SHORT_SCAN=1``/``on`` (unset, ``0``/``off``: off),
+# read at every call; a graph captured with one setting is not replayed with the other
+# (``models.graphs.GraphCache.signature``).
+SHORT_SCAN_ENV = "VLM_MAMBA_SHORT_SCAN"
+SHORT_SCAN_MAX_LENGTH = 256
+
+
+def short_scan_switch() -> bool:
+    """Whether forward-only scans of up to ``SHORT_SCAN_MAX_LENGTH`` tokens without an initial state
+    take the step-at-a-time Triton kernel (see ``SHORT_SCAN_ENV``)."""
+    v = os.environ.get(SHORT_SCAN_ENV, "").strip().lower()
+    if v not in ("", "1", "on", "0", "off"):
+        raise ValueError(f"{SHORT_SCAN_ENV}={v!r}: expected 1/on or 0/off (unset: off)")
+    return v in ("1", "on")
+
+
+def short_scan_applies(length: int) -> bool:
+    """A scan of ``length`` tokens without a state takes the short-scan kernel (switch on, in range)."""
+    return length <= SHORT_SCAN_MAX_LENGTH and short_scan_switch()
+
 
 def state_scan_form(batch: int, length: int) -> str:
     """ "one_pass" or "two_pass": the form a scan from a state of ``batch`` x ``length`` tokens takes."""
