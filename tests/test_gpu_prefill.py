@@ -167,7 +167,9 @@ def test_short_scan_from_zero_equals_the_reference_scan(dtype, pads, monkeypatch
         y, last = ops.selective_scan(**t, delta_softplus=True, return_last_state=True, kernel=FAST)
         ry, rlast = selective_scan_ref(**t, delta_softplus=True, return_last_state=True)
         assert DRY or calls == [1]
-        ops.selective_scan(**_scan_inputs(dtype, length=300), delta_softplus=True, kernel=FAST)
+        longer = _scan_inputs(dtype, length=300)
+        longer.pop("initial_state")
+        ops.selective_scan(**longer, delta_softplus=True, kernel=FAST)
         assert DRY or calls == [1]  # 300 tokens > SHORT_SCAN_MAX_LENGTH: mamba_ssm's scan (with its h0 term)
     tol = (1e-4, 1e-4) if dtype == torch.float32 else (2e-2, 5e-2)
     close(y, ry, *tol, what=f"short scan y {dtype} pads={pads}")
@@ -181,8 +183,8 @@ def test_short_scan_in_the_vlm_equals_mamba_ssm(monkeypatch):
     from vlm_mamba.models.graphs import graph_cache
 
     torch.manual_seed(0)
-    model = create_model("small").to(DEV).to(torch.bfloat16).eval()
-    images = torch.randn(4, 3, 224, 224, device=DEV, dtype=torch.bfloat16)
+    model = create_model("small").to(DEV).eval()  # fp32: two kernels' rounding orders, compared tightly
+    images = torch.randn(4, 3, 224, 224, device=DEV)
     ids = torch.randint(3, 5000, (4, 12), device=DEV)
     out = {}
     for flag in ("0", "1"):
@@ -193,7 +195,8 @@ def test_short_scan_in_the_vlm_equals_mamba_ssm(monkeypatch):
         out[flag] = states, toks
     (s0, t0), (s1, t1) = out["0"], out["1"]
     for i, (a, b) in enumerate(zip(s0, s1)):
-        close(b.ssm, a.ssm, 2e-2, 5e-2, what=f"short scan image state layer {i}")
+        close(b.ssm, a.ssm, 1e-3, 1e-3, what=f"short scan image state layer {i}")
+        close(b.conv, a.conv, 1e-3, 1e-3, what=f"short scan image conv window layer {i}")
     assert all(torch.equal(t, t0[0]) for t in t0) and all(torch.equal(t, t1[0]) for t in t1)
     assert (t0[0] == t1[0]).float().mean().item() >= 0.85 and torch.equal(t0[0][:, :2], t1[0][:, :2])
     assert DRY or graph_cache(model).captures >= 2  # the image graph under each setting

@@ -113,3 +113,21 @@ def test_state_scan_form_one_pass_for_short_eager_prefills_and_the_override(monk
     assert T.state_scan_form(1, 4096) == "one_pass"
     monkeypatch.setenv(T.STATE_SCAN_ENV, "two_pass")
     assert T.state_scan_form(160, 16) == "two_pass"
+
+
+def test_short_scan_switch_reads_its_variable(monkeypatch):
+    """VLM_MAMBA_SHORT_SCAN: auto (unset) from SHORT_SCAN_MIN_BATCH rows and up to
+    SHORT_SCAN_MAX_LENGTH tokens, on at any batch, off never; a bad value names the variable."""
+    from vlm_mamba.ops import triton_scan as TS
+
+    monkeypatch.delenv(TS.SHORT_SCAN_ENV, raising=False)
+    n, L = TS.SHORT_SCAN_MIN_BATCH, TS.SHORT_SCAN_MAX_LENGTH
+    assert TS.short_scan_applies(n, L) and not TS.short_scan_applies(n - 1, L)
+    assert not TS.short_scan_applies(n, L + 1)
+    monkeypatch.setenv(TS.SHORT_SCAN_ENV, "on")
+    assert TS.short_scan_applies(1, L) and not TS.short_scan_applies(1, L + 1)
+    monkeypatch.setenv(TS.SHORT_SCAN_ENV, "0")
+    assert not TS.short_scan_applies(4 * n, 16)
+    monkeypatch.setenv(TS.SHORT_SCAN_ENV, "fast")
+    with pytest.raises(ValueError, match=TS.SHORT_SCAN_ENV):
+        TS.short_scan_applies(n, 16)

@@ -185,15 +185,15 @@ class MambaMixer(nn.Module):
         )
 
     def _short_scan(self, x: Tensor, length: int) -> bool:
-        """A forward-only call short enough for the step-at-a-time scan (opt-in,
-        ``ops.triton_scan.SHORT_SCAN_ENV``) leaves mamba_inner_fn for the split path, whose scan
-        takes that kernel (``ops.cuda.selective_scan``)."""
+        """A forward-only call the step-at-a-time scan serves (``ops.triton_scan.SHORT_SCAN_ENV``:
+        short, a large batch) leaves mamba_inner_fn for the split path, whose scan takes that kernel
+        (``ops.cuda.selective_scan``)."""
         from vlm_mamba.ops import triton_scan
 
         return (
             not torch.is_grad_enabled()
             and ops.kernel_family(self.kernel, x.device) == "cuda"
-            and triton_scan.short_scan_applies(length)
+            and triton_scan.short_scan_applies(x.shape[0], length)
         )
 
     def _xz(self, x: Tensor) -> Tensor:

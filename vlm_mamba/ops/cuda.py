@@ -111,10 +111,10 @@ def selective_scan(
     K = load()
     if (
         initial_state is None
-        and triton_scan.short_scan_applies(u.shape[-1])
+        and triton_scan.short_scan_applies(u.shape[0], u.shape[-1])
         and B.dim() == 3
         and _initial_state_kernel_ok(A, C, u, delta, B, D, z, delta_bias)
-    ):  # short forward-only scans: the step-at-a-time Triton kernel from a zero state (opt-in)
+    ):  # short forward-only scans of a large batch: the step-at-a-time Triton kernel from zero
         h0 = torch.zeros(u.shape[0], u.shape[1], A.shape[1], device=u.device, dtype=torch.float32)
         y, last = triton_scan.selective_scan_from_state(
             u, delta, A, B, C, D, z, delta_bias, delta_softplus, h0, sequential=True

@@ -67,28 +67,36 @@ ONE_PASS_MAX_TOKENS = 8192
 SEQUENTIAL_MAX_LENGTH = 32
 
 # The same step-at-a-time kernel (from a zero state) for short forward-only scans without a state,
-# where mamba_ssm's scan is latency-bound too: an image of 196 patches through the vision encoder
-# and the image's LM prefill of a VQA batch (mamba_ssm's forward at b=32 x 196 tokens took 0.39 ms a
-# layer on an H200, its kernel traits <32 threads, 8 items> below 256 tokens). Opt-in until
-# measured against it in the suite: ``VLM_MAMBA_SHORT_SCAN=1``/``on`` (unset, ``0``/``off``: off),
-# read at every call; a graph captured with one setting is not replayed with the other
-# (``models.graphs.GraphCache.signature``).
+# where mamba_ssm's scan is latency-bound too (its <32 threads, 8 items> traits below 256 tokens): a
+# VQA batch's images (32 x 196 patches) through the vision encoder and the image's LM prefill. In the
+# model on an H200 (base, bf16, 32 images x 5 questions; profile of generate at 3b4866e) the 36 such
+# scans took 0.27 ms a call against mamba_ssm's 0.39, and VQA with the image-state cache and graphs
+# went from 28.8 to 24.6 ms (2.07x recomputing, 1.79x without). Alone on random inputs
+# (benchmarks/bench_scan_forms.py) the kernel lost at b = 8 (172 against 101 us at 196 tokens) and
+# drew level from b = 128: its programs walk the whole length one step at a time, so a small batch
+# leaves the GPU idle. So "auto" takes it from SHORT_SCAN_MIN_BATCH rows; ``VLM_MAMBA_SHORT_SCAN=1``
+# /``on`` at any batch, ``0``/``off`` never; read at every call; a graph captured with one setting is
+# not replayed with another (``models.graphs.GraphCache.signature``).
 SHORT_SCAN_ENV = "VLM_MAMBA_SHORT_SCAN"
 SHORT_SCAN_MAX_LENGTH = 256
+SHORT_SCAN_MIN_BATCH = 32
 
 
-def short_scan_switch() -> bool:
-    """Whether forward-only scans of up to ``SHORT_SCAN_MAX_LENGTH`` tokens without an initial state
-    take the step-at-a-time Triton kernel (see ``SHORT_SCAN_ENV``)."""
+def short_scan_switch() -> str:
+    """``VLM_MAMBA_SHORT_SCAN`` read: "auto" (unset), "on" or "off"."""
     v = os.environ.get(SHORT_SCAN_ENV, "").strip().lower()
-    if v not in ("", "1", "on", "0", "off"):
-        raise ValueError(f"{SHORT_SCAN_ENV}={v!r}: expected 1/on or 0/off (unset: off)")
-    return v in ("1", "on")
+    if v not in ("", "auto", "1", "on", "0", "off"):
+        raise ValueError(f"{SHORT_SCAN_ENV}={v!r}: expected auto, 1/on or 0/off (unset: auto)")
+    return {"": "auto", "1": "on", "0": "off"}.get(v, v)
 
 
-def short_scan_applies(length: int) -> bool:
-    """A scan of ``length`` tokens without a state takes the short-scan kernel (switch on, in range)."""
-    return length <= SHORT_SCAN_MAX_LENGTH and short_scan_switch()
+def short_scan_applies(batch: int, length: int) -> bool:
+    """A forward-only scan of ``batch`` x ``length`` tokens without a state takes the step-at-a-time
+    kernel (see ``SHORT_SCAN_ENV``)."""
+    if length > SHORT_SCAN_MAX_LENGTH:
+        return False
+    v = short_scan_switch()
+    return v == "on" or (v == "auto" and batch >= SHORT_SCAN_MIN_BATCH)
 
 
 def state_scan_form(batch: int, length: int) -> str:
