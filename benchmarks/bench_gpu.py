@@ -1337,13 +1337,20 @@ class Suite:
             for t in P.prefill_state_lengths:
                 ids = torch.randint(1, V, (b, t), device=self.device)
                 for variant in ("from_image_state", "from_image_state_one_pass", "from_image_state_two_pass",
-                                "from_image_state_prefix", "from_zero_state"):  # fmt: skip
+                                "from_image_state_prefix", "from_zero_state", "from_image_state_graph",
+                                "from_image_state_graph_no_skip", "from_zero_state_graph"):  # fmt: skip
+                    graph = "_graph" in variant
+                    if graph and not self.cuda:
+                        continue
                     rec = {"section": "prefill_state", "case": f"b={b} t={t}", "model": "ours", "variant": variant,
                            "batch": b, "length": t, "weights": wdesc,
                            "what": "LanguageMamba(inputs_embeds=prompt, state=image state or None, return_state=True, "
-                           "logits='last'); the image's own prefill is not timed"}  # fmt: skip
+                           "logits='last'); the image's own prefill is not timed"
+                           + ("; captured in a CUDA graph and replayed (as generate's prefill graphs run it: "
+                              "the default form in a capture, the h0 term's skip of decayed terms on or off)"
+                              if graph else "")}  # fmt: skip
 
-                    def run(ids=ids, st=None if variant == "from_zero_state" else state, variant=variant):
+                    def run(ids=ids, st=None if variant.startswith("from_zero") else state, variant=variant):
                         # the default form (triton_scan.state_scan_form: one pass up to 8K tokens),
                         # or one forced: the one-pass Triton scan from h0, the zero-state kernel + h0 term
                         form = ("_".join(variant.rsplit("_", 2)[-2:]) if variant.endswith("_pass")
@@ -1354,17 +1361,25 @@ class Suite:
                                     inputs_embeds=lm.embed(ids), state=st, return_state=True, logits="last"
                                 )
 
-                    def measure(run=run, b=b, t=t):
-                        # eager prefills at these sizes are host-bound and the host's time varies by
-                        # ms from call to call (additive noise): the fastest of 7 calls
-                        r = self.timed(run, model_bytes(lm), repeat=7)
+                    def measure(run=run, b=b, t=t, graph=graph, skip=not variant.endswith("_no_skip")):
+                        from vlm_mamba.ops import triton_scan
+
+                        cutoff = triton_scan.DECAY_CUTOFF
+                        triton_scan.DECAY_CUTOFF = cutoff if skip else None
+                        try:
+                            fn = _graphed(run) if graph else run
+                            # eager prefills at these sizes are host-bound and the host's time varies
+                            # by ms from call to call (additive noise): the fastest of 7 calls
+                            r = self.timed(fn, model_bytes(lm), repeat=7)
+                        finally:
+                            triton_scan.DECAY_CUTOFF = cutoff
                         r["min_ms"] = min(r["times_ms"])
                         r["tokens_per_s"] = b * t / (r["min_ms"] / 1e3)
                         r["tokens_per_s_method"] = "b x t / the fastest of 7 calls"
                         return r
 
                     self.case(rec, measure)
-                    if b == max(P.prefill_batches) and t == max(P.prefill_state_lengths):
+                    if b == max(P.prefill_batches) and t == max(P.prefill_state_lengths) and not graph:
                         prof = {k: rec[k] for k in ("case", "model", "variant", "batch", "length")}
                         self.case({"section": "prefill_state_profile", **prof},
                                   lambda run=run: top_kernels(run, self.device, k=16))  # fmt: skip
@@ -1938,11 +1953,14 @@ def summarize(records: list[dict]) -> dict:
                            "ours_state_bytes": r["state_bytes"], "ref_state_bytes": (ref or {}).get("state_bytes"),
                            "ours_hbm_fraction": r.get("hbm_fraction"), "ref_hbm_fraction": (ref or {}).get("hbm_fraction")})  # fmt: skip
     for r in records:
-        if r["section"] == "prefill_state" and r["variant"] != "from_zero_state":
-            ref = _get(records, section="prefill_state", case=r["case"], variant="from_zero_state")
+        if r["section"] == "prefill_state" and not r["variant"].startswith("from_zero_state"):
+            zero = "from_zero_state_graph" if "_graph" in r["variant"] else "from_zero_state"
+            ref = _get(records, section="prefill_state", case=r["case"], variant=zero)
             form = {"from_image_state_one_pass": ", one-pass Triton scan forced",
                     "from_image_state_two_pass": ", two passes forced (zero-state kernel + h0 term)",
-                    "from_image_state_prefix": ", state as 2n prefix tokens forced"}  # fmt: skip
+                    "from_image_state_prefix": ", state as 2n prefix tokens forced",
+                    "from_image_state_graph": ", both in CUDA graphs",
+                    "from_image_state_graph_no_skip": ", both in CUDA graphs, every h0 term computed"}  # fmt: skip
             add(f"prompt prefill: from the image state vs from zero{form.get(r['variant'], '')}", r["case"], r, ref,
                 "tokens_per_s", "zero state")  # fmt: skip
         if r["section"] == "prefill_vlm" and r["model"] == "ours":
@@ -2022,6 +2040,26 @@ def print_summary(summary: dict, env: dict) -> None:
     if sc["lengths"]:
         print(f"lengths: ours/peer tokens/s {dict(zip(sc['lengths'], [round(x, 2) for x in sc['ours_over_peer_tokens_per_s']]))}, "
               f"crossover {sc['crossover_length']}, exponents {sc['exponent_ms_per_sequence']}")  # fmt: skip
+
+
+def _graphed(fn: Callable[[], Any]) -> Callable[[], Any]:
+    """``fn`` (fixed inputs) captured once in a CUDA graph after two warm-up calls on a side stream;
+    the returned callable replays it and returns the captured outputs."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+
+    def replay():
+        g.replay()
+        return out
+
+    return replay
 
 
 def git_info(path: str | None) -> dict:

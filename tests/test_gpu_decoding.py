@@ -55,19 +55,24 @@ def test_graph_decoding_equals_the_eager_step(ssm, mode, batch):
     eager step, the same kernels: a beam keeps one of near-tied candidates, so two paths whose logits
     differ by rounding may keep different hypotheses (seen with the fused step: one row of 6 from
     step 10, with every earlier logit within 0.01 of its rms), which is not an error of either; the
-    fused kernels' numbers against the functional step are the greedy cases' and the kernel tests'."""
+    fused kernels' numbers against the functional step are the greedy cases' and the kernel tests'.
+    Sampling where the fused step serves the batch: against the in-place eager step too, for the
+    same reason (the race argmax(p / E) among 50 near-equal candidates of a random model flips on a
+    rounding-level change of p: seen at b=1, Mamba-1, token 6 of 12, at adaabd0)."""
     from vlm_mamba import ops
 
     lm = _lm(ssm)
     ids = torch.randint(3, 1000, (batch, 64), device=DEV)
     kw = dict(max_new_tokens=12, eos_token_id=None, **mode)
-    eager = "inplace" if "num_beams" in mode else "functional"
+    fused_serves = not DRY and ops.fused_step_enabled(ids[:, 0])
+    same_kernels = "num_beams" in mode or (mode.get("do_sample") and fused_serves)
+    eager = "inplace" if same_kernels else "functional"
     ref, ref_logits = _decode(lm, ids, eager, **kw)
     out, logits = _decode(lm, ids, "graph", **kw)
     assert torch.equal(out, ref)
     # bf16: the in-place kernels vs clones; the fused step against the unfused one as in
     # _fused_graph_matches_the_functional_step (one rounding of dt and of the normed rows apart)
-    fused = eager == "functional" and not DRY and ops.fused_step_enabled(ids[:, 0])
+    fused = eager == "functional" and fused_serves
     rtol, atol = (2e-2, 5e-2) if fused else (1e-2, 2e-2)
     for i, (a, b) in enumerate(zip(logits, ref_logits)):
         close(a, b, rtol, atol, what=f"{ssm} {mode} step {i}")

@@ -27,6 +27,24 @@ def test_kernel_equals_the_plain_twin_per_element(results, gate, softplus):
     assert out["last_err"] <= 2e-6 * max(1.0, out["last_scale"]), out
 
 
+@pytest.mark.parametrize("cutoff", ["default", "none"])
+def test_skipping_decayed_h0_terms_keeps_the_result(results, cutoff):
+    """add_initial_state skips a block's term once exp(A c) < exp(-cutoff) in all its channels
+    (channels ordered by decay): with the default cutoff the output equals the plain twin as tightly
+    as with every term computed; the last state is always complete."""
+    out = results[f"cutoff {cutoff}"]
+    assert out["y_err"] <= 2e-6 * max(1.0, out["y_scale"]), out
+    assert out["last_err"] <= 2e-6 * max(1.0, out["last_scale"]), out
+
+
+def test_a_loose_cutoff_shows_the_skip_is_taken(results):
+    """Cutoff 1 (terms dropped below e^-1 of their size): an error of the order of the h0 term itself,
+    which the default's agreement above would hide if the skip never ran."""
+    out = results["cutoff 1"]
+    assert out["y_err"] > 1e-3 * out["h0_term"] > 0, out
+    assert out["last_err"] <= 2e-6 * max(1.0, out["last_scale"]), out
+
+
 def test_trailing_pads_leave_the_last_state_of_the_real_tokens(results):
     assert results["pads"]["last_err"] <= 1e-6, results["pads"]
 

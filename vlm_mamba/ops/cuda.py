@@ -136,8 +136,9 @@ def selective_scan(
     if _initial_state_kernel_ok(A, C, u, delta, B, D, z, delta_bias, initial_state):
         # prefill from a cached state: the h0 term in one Triton pass, no (b,e,l,n) tensor
         y = triton_scan.add_initial_state(
-            y, delta, delta_bias, delta_softplus, A, C, initial_state, z, last, out_dtype=u.dtype
-        )
+            y, delta, delta_bias, delta_softplus, A, C, initial_state, z, last, out_dtype=u.dtype,
+            cutoff=triton_scan.DECAY_CUTOFF,  # read at each call (a benchmark sets it to None)
+        )  # fmt: skip
         return (y, last) if return_last_state else y
     b, e, L = u.shape
     dlt = _dt(delta, None if delta_bias is None else delta_bias[:, None], delta_softplus)  # (b,e,l) fp32

@@ -81,6 +81,14 @@ SHORT_SCAN_ENV = "VLM_MAMBA_SHORT_SCAN"
 SHORT_SCAN_MAX_LENGTH = 256
 SHORT_SCAN_MIN_BATCH = 32
 
+# add_initial_state skips the h0 term of state n in a (channel block, time block) once
+# exp(A_n c) < exp(-DECAY_CUTOFF) (3.8e-11, ~2^-35) for every channel of the block from its first
+# token on (c, the running sum of dt >= 0, only grows): what it leaves out is below 2^-35 of the
+# term's size at the prompt's start, 2^-11 of fp32's resolution of it. How much it saves depends on
+# the model's decays: for a random-init one (dt 0.001 to 0.1 log-uniform, A_n = -n) about a fifth of
+# the terms are left at 4K tokens (an estimate; prefill_state in benchmarks/bench_gpu.py measures).
+DECAY_CUTOFF = 24.0
+
 
 def short_scan_switch() -> str:
     """``VLM_MAMBA_SHORT_SCAN`` read: "auto" (unset), "on" or "off"."""
@@ -149,8 +157,8 @@ if triton is not None:
 
     @triton.jit
     def _initial_state_kernel(
-        y0_ptr, delta_ptr, bias_ptr, A_ptr, C_ptr, h0_ptr, z_ptr, out_ptr, csum_ptr, last_ptr,
-        E, L,
+        y0_ptr, delta_ptr, bias_ptr, A_ptr, C_ptr, h0_ptr, z_ptr, out_ptr, csum_ptr, last_ptr, perm_ptr,
+        E, L, cutoff,
         s_y0_b, s_y0_e, s_y0_l,
         s_d_b, s_d_e, s_d_l,
         s_A_e, s_A_n,
@@ -162,13 +170,19 @@ if triton is not None:
         s_l_b, s_l_e, s_l_n,
         N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_L: tl.constexpr,
         HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr, HAS_LAST: tl.constexpr,
+        HAS_PERM: tl.constexpr, SKIP: tl.constexpr,
     ):  # fmt: skip
         """Pass 2, one (BE, BL) block per program: c = the carry (pass 1's sum of dt before the
         block) + the block's running sum; out = (y0 + sum_n C_n exp(A_n c) h0_n) * silu(z). The
-        last time block's program also adds exp(A c_L) * h0 to the last state."""
+        last time block's program also adds exp(A c_L) * h0 to the last state. With HAS_PERM the
+        block's channels are perm[block] (channels of like decay side by side); with SKIP (dt >= 0,
+        so c only grows) a term n whose exp(A_n c) is below exp(-cutoff) for every channel of the
+        block from its first token on is not computed."""
         pid_b, pid_e, pid_l = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         e = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)  # (BE,)
         e_ok = e < E
+        if HAS_PERM:
+            e = tl.load(perm_ptr + e, mask=e_ok, other=0)
         t = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)  # (BL,)
         ok = e_ok[:, None] & (t[None, :] < L)  # (BE, BL)
         dt = _dt(delta_ptr, bias_ptr, pid_b, e, t, e_ok, L, s_d_b, s_d_e, s_d_l, HAS_BIAS, SOFTPLUS)
@@ -179,9 +193,17 @@ if triton is not None:
         acc = tl.zeros((BLOCK_E, BLOCK_L), dtype=tl.float32)
         for k in tl.static_range(N):
             a_k = tl.load(A_ptr + e * s_A_e + k * s_A_n, mask=e_ok, other=0.0).to(tl.float32)  # (BE,)
-            h_k = tl.load(h0_ptr + pid_b * s_h_b + e * s_h_e + k * s_h_n, mask=e_ok, other=0.0).to(tl.float32)
-            c_k = tl.load(C_ptr + pid_b * s_C_b + k * s_C_n + t * s_C_l, mask=t < L, other=0.0).to(tl.float32)
-            acc += tl.exp(a_k[:, None] * c) * (h_k[:, None] * c_k[None, :])
+            live = True
+            if SKIP:  # the block's slowest channel at its first token: exp(a c) only shrinks after it
+                live = tl.max(tl.where(e_ok, a_k * carry, -3.0e38), axis=0) > -cutoff
+            if live:
+                h_k = tl.load(h0_ptr + pid_b * s_h_b + e * s_h_e + k * s_h_n, mask=e_ok, other=0.0).to(
+                    tl.float32
+                )
+                c_k = tl.load(C_ptr + pid_b * s_C_b + k * s_C_n + t * s_C_l, mask=t < L, other=0.0).to(
+                    tl.float32
+                )
+                acc += tl.exp(a_k[:, None] * c) * (h_k[:, None] * c_k[None, :])
         y = tl.load(
             y0_ptr + pid_b * s_y0_b + e[:, None] * s_y0_e + t[None, :] * s_y0_l, mask=ok, other=0.0
         ).to(tl.float32)
@@ -415,6 +437,7 @@ def add_initial_state(
     block_l: int = 64,
     num_warps: int = 4,
     sums_block_e: int = 16,
+    cutoff: float | None = DECAY_CUTOFF,
 ) -> Tensor:
     """The run from ``h0`` given the zero-state run ``y0`` (b,e,l) (ungated): returns
     ``(y0 + C . exp(A c) h0) * silu(z)`` (b,e,l) in ``out_dtype`` (default y0's) and adds
@@ -422,6 +445,11 @@ def add_initial_state(
 
     delta (b,e,l) raw (bias and softplus applied here, as the scan does); A (e,n); C (b,n,l);
     h0 (b,e,n). The state size n must be a power of two (Triton block shapes).
+
+    With softplus (dt >= 0) and ``cutoff`` set, a block's term n is skipped once exp(A_n c) has
+    fallen below exp(-cutoff) in all its channels (see ``DECAY_CUTOFF``); the channels are taken in
+    the order of their slowest decay (softplus(bias) x min_n |A_n|), so that a block holds channels
+    that fall below it together. ``cutoff=None``: every term computed.
 
     Two launches: the running sums of dt at the end of every time block (one program per row and
     channel block walks the blocks: it reads dt once and keeps one number per channel), then every
@@ -446,18 +474,29 @@ def add_initial_state(
     blocks = triton.cdiv(L, block_l)
     csum = torch.empty(b, E, blocks, device=y0.device, dtype=torch.float32)
     flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus))
+    skip = bool(delta_softplus) and cutoff is not None
+    perm = _slowest_decay_order(A, delta_bias) if skip else h0  # unused when HAS_PERM is False
     _dt_running_sums_kernel[(b, triton.cdiv(E, sums_block_e))](
         delta, bias, csum, E, L, *delta.stride(), *csum.stride(), BLOCK_E=sums_block_e, BLOCK_L=block_l, **flags
     )  # fmt: skip
     _initial_state_kernel[(b, triton.cdiv(E, block_e), blocks)](
-        y0, delta, bias, A, C, h0, zz, out, csum, ll,
-        E, L,
+        y0, delta, bias, A, C, h0, zz, out, csum, ll, perm,
+        E, L, float(cutoff) if skip else 0.0,
         *y0.stride(), *delta.stride(), *A.stride(), *C.stride(), *h0.stride(), *zz.stride(), *out.stride(),
         *csum.stride(), *ll.stride(),
         N=N, BLOCK_E=block_e, BLOCK_L=block_l, HAS_Z=z is not None, HAS_LAST=last is not None,
-        num_warps=num_warps, **flags,
+        HAS_PERM=skip, SKIP=skip, num_warps=num_warps, **flags,
     )  # fmt: skip
     return out
+
+
+def _slowest_decay_order(A: Tensor, delta_bias: Tensor | None) -> Tensor:
+    """Channels (int32, (e,)) by their slowest decay rate at the bias, min_n |A_n| x softplus(bias):
+    three small launches, no host sync (graph-capturable)."""
+    rate = A.detach().float().abs().amin(dim=1)
+    if delta_bias is not None:
+        rate = rate * F.softplus(delta_bias.detach().float())
+    return torch.argsort(rate).to(torch.int32)
 
 
 def add_initial_state_ref(
