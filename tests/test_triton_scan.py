@@ -149,3 +149,37 @@ def test_short_scan_switch_reads_its_variable(monkeypatch):
     monkeypatch.setenv(TS.SHORT_SCAN_ENV, "fast")
     with pytest.raises(ValueError, match=TS.SHORT_SCAN_ENV):
         TS.short_scan_applies(n, 16)
+
+
+def test_decay_order_is_kept_per_layer_and_follows_its_parameters():
+    """triton_scan.decay_order: channels by slowest decay (min_n |A_n| x softplus(bias)), a
+    permutation; the same tensor on the next call, updated in place (not replaced: a captured graph
+    reads it) when A_log or the bias changes."""
+    import torch
+    import torch.nn.functional as F
+
+    from vlm_mamba.ops import triton_scan as T
+
+    g = torch.Generator().manual_seed(0)
+    A_log = torch.nn.Parameter(torch.randn(24, 4, generator=g))
+    bias = torch.nn.Parameter(torch.randn(24, generator=g))
+
+    def expected():
+        rate = torch.exp(A_log.detach()).amin(1) * F.softplus(bias.detach())
+        return torch.argsort(rate).to(torch.int32)
+
+    first = T.decay_order(A_log, bias)
+    assert first.dtype == torch.int32 and torch.equal(
+        first.sort().values, torch.arange(24, dtype=torch.int32)
+    )
+    assert torch.equal(first, expected())
+    assert T.decay_order(A_log, bias) is first
+    with torch.no_grad():
+        bias.mul_(-3.0)  # a new order
+    again = T.decay_order(A_log, bias)
+    assert (
+        again is first and torch.equal(again, expected()) and not torch.equal(again, torch.sort(again).values)
+    )
+    with torch.no_grad():
+        A_log.add_(torch.randn(24, 4, generator=g))
+    assert T.decay_order(A_log, bias) is first and torch.equal(first, expected())

@@ -270,10 +270,15 @@ class MambaMixer(nn.Module):
             if valid is not None:  # dt = softplus(-1e4 + bias) = 0 exactly at pads: exp(0*A) = 1 and no
                 # input, an identity step. Done before the scan so the scan keeps its fused bias + softplus.
                 delta = delta.masked_fill(~valid[:, None], PAD_DELTA)
+        order = None
+        if state is not None and not torch.is_grad_enabled() and x.is_cuda:
+            from vlm_mamba.ops import triton_scan
+
+            order = triton_scan.decay_order(self.A_log, self.dt_proj.bias)  # for the h0 term's skip
         y = ops.selective_scan(
             xc, delta, A, B.transpose(1, 2), C.transpose(1, 2), self.D.float(), z, delta_bias, True,
             initial_state=state.ssm if state is not None else None, return_last_state=return_state,
-            kernel=self.kernel,
+            kernel=self.kernel, channel_order=order,
         )  # fmt: skip
         if return_state:
             y, ssm = y

@@ -180,12 +180,15 @@ def selective_scan(
     return_last_state: bool = False,
     *,
     kernel: str | None = "auto",
+    channel_order: Tensor | None = None,
 ):
     """Mamba-1 selective scan (Mamba paper, Algorithm 2), mamba_ssm ``selective_scan_fn`` + initial state.
 
     Args: u, delta, z (b,e,l); A (e,n); B, C (b,n,l) or (b,g,n,l); D, delta_bias (e,);
     initial_state (b,e,n). Returns y (b,e,l) in u's dtype and, with ``return_last_state``, (y, h_l)
-    with h_l (b,e,n) fp32.
+    with h_l (b,e,n) fp32. ``channel_order`` (e,) int32, a permutation of the channels
+    (``triton_scan.decay_order``), only tells the CUDA h0 term which channels to group; the result
+    does not depend on it.
 
     mamba_ssm's ``selective_scan_fn`` returns the last state without a gradient (its backward drops
     that output's gradient), so a call that returns the last state while autograd is recording
@@ -195,7 +198,10 @@ def selective_scan(
     """
     cuda_ok = not (return_last_state and _needs_grad(u, delta, A, B, C, D, z, delta_bias, initial_state))
     fn = _impl("selective_scan", kernel, u, cuda_ok=cuda_ok)
-    return fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state)
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state, return_last_state)
+    if channel_order is not None and fn.__module__.endswith(".cuda"):
+        return fn(*args, channel_order=channel_order)
+    return fn(*args)
 
 
 def ssd_chunk_scan(

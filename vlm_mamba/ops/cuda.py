@@ -105,9 +105,10 @@ def causal_conv1d_update(x, conv_state, weight, bias=None, activation="silu"):
 
 def selective_scan(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False, initial_state=None,
-    return_last_state=False,
+    return_last_state=False, channel_order=None,
 ):  # fmt: skip
-    """mamba_ssm ``selective_scan_fn`` plus ``initial_state`` (b,e,n), added by linearity (see top)."""
+    """mamba_ssm ``selective_scan_fn`` plus ``initial_state`` (b,e,n), added by linearity (see top);
+    ``channel_order`` (optional) groups the h0 term's channels (``triton_scan.add_initial_state``)."""
     K = load()
     if (
         initial_state is None
@@ -137,7 +138,7 @@ def selective_scan(
         # prefill from a cached state: the h0 term in one Triton pass, no (b,e,l,n) tensor
         y = triton_scan.add_initial_state(
             y, delta, delta_bias, delta_softplus, A, C, initial_state, z, last, out_dtype=u.dtype,
-            cutoff=triton_scan.DECAY_CUTOFF,  # read at each call (a benchmark sets it to None)
+            cutoff=triton_scan.DECAY_CUTOFF, order=channel_order,  # the cutoff read at each call
         )  # fmt: skip
         return (y, last) if return_last_state else y
     b, e, L = u.shape

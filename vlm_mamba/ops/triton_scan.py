@@ -438,6 +438,7 @@ def add_initial_state(
     num_warps: int = 4,
     sums_block_e: int = 16,
     cutoff: float | None = DECAY_CUTOFF,
+    order: Tensor | None = None,
 ) -> Tensor:
     """The run from ``h0`` given the zero-state run ``y0`` (b,e,l) (ungated): returns
     ``(y0 + C . exp(A c) h0) * silu(z)`` (b,e,l) in ``out_dtype`` (default y0's) and adds
@@ -449,7 +450,9 @@ def add_initial_state(
     With softplus (dt >= 0) and ``cutoff`` set, a block's term n is skipped once exp(A_n c) has
     fallen below exp(-cutoff) in all its channels (see ``DECAY_CUTOFF``); the channels are taken in
     the order of their slowest decay (softplus(bias) x min_n |A_n|), so that a block holds channels
-    that fall below it together. ``cutoff=None``: every term computed.
+    that fall below it together: ``order`` (e,) int32 if given (:func:`decay_order`, cached per
+    layer), else sorted here (an argsort of e values a call). Any permutation gives the same
+    result; ``cutoff=None``: every term computed.
 
     Two launches: the running sums of dt at the end of every time block (one program per row and
     channel block walks the blocks: it reads dt once and keeps one number per channel), then every
@@ -475,7 +478,13 @@ def add_initial_state(
     csum = torch.empty(b, E, blocks, device=y0.device, dtype=torch.float32)
     flags = dict(HAS_BIAS=delta_bias is not None, SOFTPLUS=bool(delta_softplus))
     skip = bool(delta_softplus) and cutoff is not None
-    perm = _slowest_decay_order(A, delta_bias) if skip else h0  # unused when HAS_PERM is False
+    perm = h0  # unused when HAS_PERM is False
+    if skip:
+        perm = order if order is not None else _slowest_decay_order(A, delta_bias)
+        if perm.shape != (E,) or perm.dtype != torch.int32 or perm.device != y0.device:
+            raise ValueError(
+                f"order must be an int32 ({E},) tensor on {y0.device}, got {perm.dtype} {tuple(perm.shape)}"
+            )
     _dt_running_sums_kernel[(b, triton.cdiv(E, sums_block_e))](
         delta, bias, csum, E, L, *delta.stride(), *csum.stride(), BLOCK_E=sums_block_e, BLOCK_L=block_l, **flags
     )  # fmt: skip
@@ -488,6 +497,31 @@ def add_initial_state(
         HAS_PERM=skip, SKIP=skip, num_warps=num_warps, **flags,
     )  # fmt: skip
     return out
+
+
+def decay_order(A_log: Tensor, dt_bias: Tensor | None) -> Tensor:
+    """The channel order :func:`add_initial_state` groups by, for a layer's ``A_log`` (e,n) and
+    dt bias (e,): computed once and kept on the ``A_log`` parameter, recomputed in place when either
+    tensor changes (their version counters), never inside a CUDA graph capture (a captured graph
+    keeps reading the same tensor; a stale order is still a permutation, so only speed depends on
+    it)."""
+    key = (
+        A_log.data_ptr(),
+        A_log._version,
+        None if dt_bias is None else (dt_bias.data_ptr(), dt_bias._version),
+    )
+    held = getattr(A_log, "_vlm_decay_order", None)
+    capturing = A_log.is_cuda and torch.cuda.is_current_stream_capturing()
+    if held is not None and (held[0] == key or capturing):
+        return held[1]
+    order = _slowest_decay_order(-torch.exp(A_log.detach().float()), dt_bias)
+    if capturing:
+        return order  # in the graph; not kept (its memory is the graph's)
+    if held is not None and held[1].shape == order.shape and held[1].device == order.device:
+        held[1].copy_(order)  # the same tensor: graphs captured with it read the new order
+        order = held[1]
+    A_log._vlm_decay_order = (key, order)
+    return order
 
 
 def _slowest_decay_order(A: Tensor, delta_bias: Tensor | None) -> Tensor:
