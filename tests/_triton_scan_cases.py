@@ -143,6 +143,21 @@ for k, L, bias_on, dtype in (
         "dtype": str(y.dtype),
     }
 
+# out=: the first k-1 outputs of a longer prompt written into its output's columns (a strided view)
+g = torch.Generator().manual_seed(8)
+x = torch.randn(2, 20, 40, generator=g).transpose(1, 2)  # (b,e,l) = (2, 40, 20), channel stride 1
+w, bias, init = (
+    torch.randn(40, 4, generator=g),
+    torch.randn(40, generator=g),
+    torch.randn(2, 40, 3, generator=g),
+)
+y_full = torch.full((2, 40, 20), 7.0)
+TC.causal_conv1d_short(x[..., :3], w, bias, init, "silu", out=y_full[..., :3])
+out["short conv out="] = {
+    "err": err(y_full[..., :3], TC.causal_conv1d_short_ref(x[..., :3], w, bias, init, "silu"))[0],
+    "untouched": bool((y_full[..., 3:] == 7.0).all()),
+}
+
 errors = {}
 c, _ = case()
 for name, bad in (

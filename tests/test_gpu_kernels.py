@@ -132,6 +132,29 @@ def test_causal_conv1d(dtype, k, with_state):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("k", [2, 4])
+@pytest.mark.parametrize("layout", ["length_contiguous", "channel_last"])
+def test_causal_conv1d_of_a_long_prompt_from_a_window(dtype, k, layout):
+    """A prompt longer than triton_conv.MAX_LENGTH from a cached window, no grad (a prefill): the
+    kernel from zero, then its first k-1 outputs rewritten by the Triton conv from the window,
+    against the PyTorch path per element; the final window too."""
+    torch.manual_seed(0)
+    b, e, L = 2, 96, 300
+    x = torch.randn(b, e, L, device=DEV, dtype=dtype)
+    if layout == "channel_last":  # in_proj's (b,l,e) output seen as (b,e,l)
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    w, bias = torch.randn(e, k, device=DEV, dtype=dtype), torch.randn(e, device=DEV, dtype=dtype)
+    init = torch.randn(b, e, k - 1, device=DEV, dtype=dtype)
+    with torch.no_grad():
+        y, fin = ops.causal_conv1d(x, w, bias, init, True, "silu", kernel=FAST)
+        ref, ref_fin = ops.causal_conv1d(x, w, bias, init, True, "silu", kernel=PLAIN)
+    rtol, atol = TOL[dtype]
+    close(y, ref, rtol, atol, what=f"conv {layout} k={k}")
+    close(y[..., : k - 1], ref[..., : k - 1], rtol, atol, what="the outputs that read the window")
+    assert torch.equal(fin, ref_fin)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_one_step_ops_match_and_do_not_mutate(dtype):
     torch.manual_seed(0)
     b, e, n, k = 3, 64, 16, 4

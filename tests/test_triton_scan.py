@@ -183,3 +183,10 @@ def test_decay_order_is_kept_per_layer_and_follows_its_parameters():
     with torch.no_grad():
         A_log.add_(torch.randn(24, 4, generator=g))
     assert T.decay_order(A_log, bias) is first and torch.equal(first, expected())
+
+
+def test_short_conv_writes_into_a_given_output_view(results):
+    """causal_conv1d_short(out=): the k-1 outputs that read the window written into the first
+    columns of a longer prompt's output, the other columns left alone (ops.cuda.causal_conv1d)."""
+    out = results["short conv out="]
+    assert out["err"] <= 1e-5 and out["untouched"], out

@@ -78,7 +78,16 @@ def causal_conv1d(x, weight, bias=None, initial_states=None, return_final_states
     if x.stride(-1) != 1 and (x.stride(0) % 8 or x.stride(2) % 8):
         x = x.contiguous()  # the channel-last kernel needs strides that are multiples of 8
     y = K.causal_conv1d_fn(x, weight, bias, activation=activation)
-    if initial_states is not None:
+    if (
+        initial_states is not None
+        and x.shape[-1] >= k - 1
+        and triton_conv.available()
+        and not _needs_grad(x, weight, bias, initial_states)
+    ):  # the first k-1 outputs, the only ones that read the window, rewritten in one Triton launch
+        triton_conv.causal_conv1d_short(
+            x[..., : k - 1], weight, bias, initial_states, activation, out=y[..., : k - 1]
+        )
+    elif initial_states is not None:
         # only the first k-1 outputs read the initial states: they are recomputed from a
         # (b, e, 2k-2) window and written over the kernel's (which read zeros there), so the
         # sequence is never copied to prepend the states

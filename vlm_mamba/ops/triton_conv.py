@@ -63,10 +63,12 @@ if triton is not None:
 
 def causal_conv1d_short(
     x: Tensor, weight: Tensor, bias: Tensor | None, initial_states: Tensor, activation: str | None = "silu",
-    block_e: int = 64,
+    block_e: int = 64, out: Tensor | None = None,
 ) -> Tensor:  # fmt: skip
     """x (b,e,l) any strides, weight (e,k), bias (e,) or None, initial_states (b,e,k-1) -> y (b,e,l)
-    in x's dtype (the window's values read as x's dtype, as ``ops.cuda.causal_conv1d`` casts them)."""
+    in x's dtype (the window's values read as x's dtype, as ``ops.cuda.causal_conv1d`` casts them);
+    written into ``out`` (b,e,l) of x's dtype, any strides, when given (e.g. the first k-1 columns
+    of a longer prompt's output)."""
     if triton is None:
         raise RuntimeError("triton is not installed")
     b, e, L = x.shape
@@ -75,7 +77,11 @@ def causal_conv1d_short(
         raise ValueError(f"shapes: x {tuple(x.shape)}, weight {tuple(weight.shape)}, "
                          f"initial_states {tuple(initial_states.shape)} (at most 1024 tokens)")  # fmt: skip
     init = initial_states.to(x.dtype)
-    y = torch.empty(b, e, L, device=x.device, dtype=x.dtype)
+    if out is not None and (out.shape != x.shape or out.dtype != x.dtype):
+        raise ValueError(
+            f"out {tuple(out.shape)} {out.dtype} must be x's shape and dtype ({tuple(x.shape)} {x.dtype})"
+        )
+    y = out if out is not None else torch.empty(b, e, L, device=x.device, dtype=x.dtype)
     be = min(block_e, triton.next_power_of_2(e))
     _short_conv_kernel[(b, triton.cdiv(e, be))](
         x, init, weight, bias if bias is not None else weight, y, e, L,
