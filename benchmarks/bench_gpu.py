@@ -1351,7 +1351,7 @@ class Suite:
                               if graph else "")}  # fmt: skip
 
                     def run(ids=ids, st=None if variant.startswith("from_zero") else state, variant=variant):
-                        # the default form (triton_scan.state_scan_form: one pass up to 8K tokens),
+                        # the default form (triton_scan.state_scan_form: one pass up to 4K tokens),
                         # or one forced: the one-pass Triton scan from h0, the zero-state kernel + h0 term
                         form = ("_".join(variant.rsplit("_", 2)[-2:]) if variant.endswith("_pass")
                                 else "prefix" if variant.endswith("_prefix") else None)  # fmt: skip
@@ -2016,6 +2016,27 @@ def summarize(records: list[dict]) -> dict:
     return {"rows": rows, "scaling": scaling, "decode_lead_vs_llama": decode_lead}
 
 
+def summarize_runs(records: list[dict]) -> dict:
+    """The summary of a merged file: each run summarized on its own records, then each row (topic,
+    case, metric, reference) taken from the latest run that has it, so a ratio always pairs two
+    records of one run (tagged ``run``); the scaling fits and the decode lead from the latest run
+    that has them."""
+    runs = sorted({r.get("run", 0) for r in records})
+    rows: dict[tuple, dict] = {}
+    scaling: dict = {}
+    lead: dict = {}
+    for i in runs:
+        part = summarize([r for r in records if r.get("run", 0) == i])
+        for row in part["rows"]:
+            rows[(row["topic"], row["case"], row["metric"], row["ref"])] = {**row, "run": i}
+        if part["scaling"]["lengths"]:
+            scaling = {**part["scaling"], "run": i}
+        if part["decode_lead_vs_llama"]["cases"]:
+            lead = {**part["decode_lead_vs_llama"], "run": i}
+    return {"rows": list(rows.values()), "scaling": scaling or summarize([])["scaling"],
+            "decode_lead_vs_llama": lead or summarize([])["decode_lead_vs_llama"]}  # fmt: skip
+
+
 def print_summary(summary: dict, env: dict) -> None:
     try:
         from rich.console import Console
@@ -2141,7 +2162,8 @@ def smoke(plan: Plan) -> Plan:
 
 def merge(paths: list[Path], out: Path) -> int:
     """One JSON from several runs of the suite (sections split over calls): records concatenated,
-    each tagged with its run; environments and infos kept per run; the summary recomputed."""
+    each tagged with its run; environments and infos kept per run; the summary recomputed run by run
+    (:func:`summarize_runs`: every ratio pairs two records of one run)."""
     runs = [json.loads(p.read_text()) for p in paths]
     records = []
     for i, run in enumerate(runs):
@@ -2149,26 +2171,27 @@ def merge(paths: list[Path], out: Path) -> int:
     info: dict[str, Any] = {}
     for run in runs:
         info.update(run["info"])
+
+    def meta(r: dict) -> dict:  # a run, or a merged file (--isolate's output: one call's sections)
+        if "command" in r:
+            return {k: r[k] for k in ("command", "date", "wall_s", "complete")}
+        parts = r["merged_from"]
+        return {"command": "; ".join(m["command"] for m in parts), "date": parts[-1]["date"],
+                "wall_s": sum(m["wall_s"] for m in parts), "complete": all(m["complete"] for m in parts)}  # fmt: skip
+
     result = {
         "benchmark": "bench_gpu",
         "merged_from": [
-            {
-                "file": p.name,
-                "command": r["command"],
-                "date": r["date"],
-                "wall_s": r["wall_s"],
-                "complete": r["complete"],
-                "sections": sorted({x["section"] for x in r["records"]}),
-            }
+            {"file": p.name, **meta(r), "sections": sorted({x["section"] for x in r["records"]})}
             for p, r in zip(paths, runs)
-        ],  # fmt: skip
+        ],
         "environment": runs[0]["environment"],
         "environments": [r["environment"] for r in runs],
         "plan": runs[0]["plan"],
         "conventions": runs[0]["conventions"],
         "info": info,
         "records": records,
-        "summary": summarize(records),
+        "summary": summarize_runs(records),
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1, default=str) + "\n")

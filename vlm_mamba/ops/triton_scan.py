@@ -55,9 +55,15 @@ from vlm_mamba.ops._triton import available, tl, triton  # noqa: F401  (availabl
 # against 0.87 over 4096 (it works in 2048-token chunks and specialises even lengths: 32 more tokens
 # cost a third, ragged chunk), and its in-place writes cost ~8 small launches a layer (b=8: 19.8
 # against 15.6 ms for two passes at 1K; run eec371b).
+# At 7c2936d (the h0 term's skip, the Triton conv for the window's outputs; run
+# bench_gpu_nvidia_h200_run_prefill_7c2936d.json) eager, fastest of 7: one pass 0.98 / 0.92 / 0.88x
+# at b=1, 256 / 1K / 4K and 0.92 / 0.76x at b=8, 256 / 1K, two passes 0.77 / 0.75 / 0.78x and
+# 0.80 / 0.80x; the one-pass kernel took 0.95 ms a layer of device time at b=8, 1K against
+# mamba_ssm's 0.22 from zero (profile), more than the host's ~1 ms a layer, so from 8192 tokens
+# (b=8, 1K) two passes win eagerly too: ONE_PASS_MAX_TOKENS is 4096 (it was 8192).
 STATE_SCAN_ENV = "VLM_MAMBA_STATE_SCAN"
 STATE_SCAN_FORMS = ("auto", "one_pass", "two_pass", "triton", "prefix")
-ONE_PASS_MAX_TOKENS = 8192
+ONE_PASS_MAX_TOKENS = 4096
 # Prompts up to this many tokens take the one-pass form's step-at-a-time kernel, graphs included.
 # mamba_ssm's scan is latency-bound on short sequences (a block per row and channel): on an H200
 # (e 1536, n 16, one layer, in a graph; benchmarks/bench_scan_forms.py, results/scan_forms_nvidia_h200.json)
