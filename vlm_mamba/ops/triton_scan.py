@@ -59,8 +59,11 @@ from vlm_mamba.ops._triton import available, tl, triton  # noqa: F401  (availabl
 # bench_gpu_nvidia_h200_run_prefill_7c2936d.json) eager, fastest of 7: one pass 0.98 / 0.92 / 0.88x
 # at b=1, 256 / 1K / 4K and 0.92 / 0.76x at b=8, 256 / 1K, two passes 0.77 / 0.75 / 0.78x and
 # 0.80 / 0.80x; the one-pass kernel took 0.95 ms a layer of device time at b=8, 1K against
-# mamba_ssm's 0.22 from zero (profile), more than the host's ~1 ms a layer, so from 8192 tokens
-# (b=8, 1K) two passes win eagerly too: ONE_PASS_MAX_TOKENS is 4096 (it was 8192).
+# mamba_ssm's 0.22 from zero (profile), about the host's ~1 ms a layer, so from 8192 tokens (b=8,
+# 1K) the one-pass form no longer saves host time but costs twice the device time of two passes:
+# ONE_PASS_MAX_TOKENS is 4096 (it was 8192). The next run (901cfcc) timed b=8, 1K one pass 0.88x
+# and two passes 0.75x, the reverse: eager calls of this size vary by +-15% on that host (b=8, 4K,
+# the same two-pass work forced and by default: 23.9 and 27.2 ms), so the device time decides.
 STATE_SCAN_ENV = "VLM_MAMBA_STATE_SCAN"
 STATE_SCAN_FORMS = ("auto", "one_pass", "two_pass", "triton", "prefix")
 ONE_PASS_MAX_TOKENS = 4096
