@@ -143,6 +143,33 @@ def test_resume_from_last_gives_the_uninterrupted_losses(shapes_dir, tmp_path):
     assert ckpt["global_step"] == 12 and "tokenizer_json" in ckpt
 
 
+@pytest.mark.parametrize("rng_state", [True, False])
+def test_resume_restores_the_random_stream_of_dropout(shapes_dir, tmp_path, rng_state):
+    """With LoRA dropout (fresh masks every step) a resumed run gives the uninterrupted losses
+    only because the checkpoint carries the RNG states (callbacks.rng_state): without that
+    callback the same resume draws other masks and the losses after the resume point differ."""
+    common = [
+        *_small(shapes_dir),
+        "lora=language",
+        "model.lora.dropout=0.3",
+        "module.total_steps=8",
+        "module.val_generation.enabled=false",
+        "callbacks.last_checkpoint.every_n_train_steps=4",
+        "test=false",
+        *([] if rng_state else ["~callbacks.rng_state"]),
+    ]
+    full_dir, part_dir = tmp_path / "full", tmp_path / "part"
+    train(_cfg([*common, "trainer.max_steps=8"], full_dir))
+    train(_cfg([*common, "trainer.max_steps=4"], part_dir))
+    _, objs = train(_cfg([*common, "trainer.max_steps=8", "ckpt_path=last"], part_dir))
+    assert objs["trainer"].global_step == 8
+    full, part = _losses(full_dir), _losses(part_dir)
+    assert sorted(full) == sorted(part) == list(range(8))
+    assert [part[s] for s in range(4)] == [full[s] for s in range(4)]
+    same_after = [part[s] for s in range(4, 8)] == [full[s] for s in range(4, 8)]
+    assert same_after is rng_state, [(s, full[s], part[s]) for s in range(4, 8)]
+
+
 def test_export_writes_a_loadable_model_directory(shapes_dir, tmp_path):
     from vlm_mamba.data.tokenizer import TextTokenizer
     from vlm_mamba.export import main as export_main

@@ -70,7 +70,13 @@ class StreamLoader(DataLoader):
     """DataLoader over a stream that yields whole batches (``batch_size=None``); pops the skip count."""
 
     def __init__(
-        self, dataset, num_workers: int, on_skipped, pin_memory: bool = False, prefetch_factor: int | None = 2
+        self,
+        dataset,
+        num_workers: int,
+        on_skipped,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = 2,
+        seed: int = 0,
     ):
         super().__init__(
             dataset,
@@ -79,6 +85,11 @@ class StreamLoader(DataLoader):
             pin_memory=pin_memory,
             prefetch_factor=prefetch_factor if num_workers > 0 else None,
             persistent_workers=False,  # workers must see each epoch's (epoch, skip) state
+            # the loader's own generator for the base seed every iterator draws: without it each new
+            # epoch's iterator took a number from the global generator, between a checkpoint written at
+            # an epoch's last batch and the next batch, so a run resumed there drew other dropout
+            # masks than the uninterrupted one (the streams' shuffles have seeds of their own)
+            generator=torch.Generator().manual_seed(seed),
         )
         self._on_skipped = on_skipped
 
@@ -319,6 +330,7 @@ class _StreamingDataModule(L.LightningDataModule):
             self._on_skipped,
             pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor,
+            seed=self.seed,
         )
         if self._pending_state is not None:
             loader.load_state_dict(self._pending_state)
