@@ -2024,17 +2024,20 @@ def summarize_runs(records: list[dict]) -> dict:
     runs = sorted({r.get("run", 0) for r in records})
     rows: dict[tuple, dict] = {}
     scaling: dict = {}
-    lead: dict = {}
+    lead = summarize([])["decode_lead_vs_llama"]
+    cases: dict[tuple, dict] = {}
     for i in runs:
         part = summarize([r for r in records if r.get("run", 0) == i])
         for row in part["rows"]:
             rows[(row["topic"], row["case"], row["metric"], row["ref"])] = {**row, "run": i}
         if part["scaling"]["lengths"]:
             scaling = {**part["scaling"], "run": i}
-        if part["decode_lead_vs_llama"]["cases"]:
-            lead = {**part["decode_lead_vs_llama"], "run": i}
+        for c in part["decode_lead_vs_llama"]["cases"]:  # each (batch, context) from its latest run
+            cases[(c["batch"], c["context"])] = {**c, "run": i}
+    lead["cases"] = list(cases.values())
+    lead["ours_leads_at"] = [k for k, c in cases.items() if c["ours_over_llama_decode_tokens_per_s"] > 1]
     return {"rows": list(rows.values()), "scaling": scaling or summarize([])["scaling"],
-            "decode_lead_vs_llama": lead or summarize([])["decode_lead_vs_llama"]}  # fmt: skip
+            "decode_lead_vs_llama": lead}  # fmt: skip
 
 
 def print_summary(summary: dict, env: dict) -> None:

@@ -95,3 +95,39 @@ def test_a_crashed_section_is_recorded_and_the_rest_merged(tmp_path, monkeypatch
     assert sections.count("vqa") == 1 and sections.count("decode") == 2
     err = [r for r in result["records"] if "error" in r]
     assert len(err) == 1 and "signal 11" in err[0]["error"] and err[0]["section"] == "decode"
+
+
+def _run_file(path: Path, records: list[dict], command: str = "bench_gpu.py") -> Path:
+    env = {"device_name": "x", "torch": "t", "mamba_ssm": "m", "dtype": "bf16"}
+    run = {"command": command, "date": "d", "wall_s": 1.0, "complete": True, "environment": env,
+           "plan": {}, "conventions": {}, "info": {}, "records": records}  # fmt: skip
+    path.write_text(json.dumps(run))
+    return path
+
+
+def test_merged_summary_pairs_records_of_one_run(tmp_path):
+    """A run measuring ours and the reference (2x), then a run measuring ours alone (300 q/s): the
+    merged summary keeps run 0's pair (2x), not ours of run 1 over the reference of run 0 (6x); a
+    file already merged (--isolate's output) is taken as one run."""
+    b = _bench()
+
+    def vqa(variant, qps):
+        return {"section": "vqa", "case": "c", "model": "ours", "variant": variant, "questions_per_s": qps}
+
+    first = _run_file(tmp_path / "a.json", [vqa("image_state_cache", 100.0), vqa("recompute", 50.0)])
+    second = _run_file(tmp_path / "b.json", [vqa("image_state_cache", 300.0)])
+    inner = tmp_path / "inner.json"
+    assert b.merge([second], inner) == 0  # a merged file of one run, as --isolate writes
+    out = tmp_path / "merged.json"
+    assert b.merge([first, inner], out) == 0
+    data = json.loads(out.read_text())
+    rows = [r for r in data["summary"]["rows"] if r["topic"] == "VQA: image-state cache vs recompute"]
+    assert [(r["ratio"], r["run"]) for r in rows] == [(2.0, 0)]
+    assert [m["file"] for m in data["merged_from"]] == ["a.json", "inner.json"]
+    assert data["merged_from"][1]["command"] == "bench_gpu.py"
+    # the plots' view still takes each measurement's latest run
+    latest = b.latest_records(data["records"])
+    assert {r["variant"]: r["questions_per_s"] for r in latest} == {
+        "image_state_cache": 300.0,
+        "recompute": 50.0,
+    }
