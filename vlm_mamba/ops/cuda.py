@@ -81,6 +81,7 @@ def causal_conv1d(x, weight, bias=None, initial_states=None, return_final_states
     if (
         initial_states is not None
         and x.shape[-1] >= k - 1
+        and y.dtype == x.dtype
         and triton_conv.available()
         and not _needs_grad(x, weight, bias, initial_states)
     ):  # the first k-1 outputs, the only ones that read the window, rewritten in one Triton launch

@@ -514,11 +514,14 @@ def decay_order(A_log: Tensor, dt_bias: Tensor | None) -> Tensor:
     tensor changes (their version counters), never inside a CUDA graph capture (a captured graph
     keeps reading the same tensor; a stale order is still a permutation, so only speed depends on
     it)."""
-    key = (
-        A_log.data_ptr(),
-        A_log._version,
-        None if dt_bias is None else (dt_bias.data_ptr(), dt_bias._version),
-    )
+    try:
+        key = (
+            A_log.data_ptr(),
+            A_log._version,
+            None if dt_bias is None else (dt_bias.data_ptr(), dt_bias._version),
+        )
+    except (RuntimeError, NotImplementedError):  # a tensor without storage of its own (a DTensor): not kept
+        return _slowest_decay_order(-torch.exp(A_log.detach().float()), dt_bias)
     held = getattr(A_log, "_vlm_decay_order", None)
     capturing = A_log.is_cuda and torch.cuda.is_current_stream_capturing()
     if held is not None and (held[0] == key or capturing):
