@@ -2019,8 +2019,8 @@ def summarize(records: list[dict]) -> dict:
 def summarize_runs(records: list[dict]) -> dict:
     """The summary of a merged file: each run summarized on its own records, then each row (topic,
     case, metric, reference) taken from the latest run that has it, so a ratio always pairs two
-    records of one run (tagged ``run``); the scaling fits and the decode lead from the latest run
-    that has them."""
+    records of one run (tagged ``run``); the scaling fits from the latest run that has them, the
+    decode lead over Llama per (batch, context) from the latest run that measured it."""
     runs = sorted({r.get("run", 0) for r in records})
     rows: dict[tuple, dict] = {}
     scaling: dict = {}
