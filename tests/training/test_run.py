@@ -114,6 +114,18 @@ def test_every_experiment_fast_dev_run_on_tiny_shapes(experiment, shapes_dir, tm
         assert trainable and all("lora_" in n or n.startswith("bridger.") for n in trainable)
 
 
+def _straight_and_resumed(common: list[str], steps: int, stop: int, tmp_path: Path):
+    """``steps`` steps straight (under tmp_path/full) and ``stop`` steps + resume(ckpt_path=last) to
+    ``steps`` (under tmp_path/part): their train losses by step."""
+    full_dir, part_dir = tmp_path / "full", tmp_path / "part"
+    train(_cfg([*common, f"trainer.max_steps={steps}"], full_dir))
+    _, objs = train(_cfg([*common, f"trainer.max_steps={stop}"], part_dir))
+    assert objs["trainer"].global_step == stop
+    _, objs = train(_cfg([*common, f"trainer.max_steps={steps}", "ckpt_path=last"], part_dir))
+    assert objs["trainer"].global_step == steps
+    return _losses(full_dir), _losses(part_dir)
+
+
 def test_resume_from_last_gives_the_uninterrupted_losses(shapes_dir, tmp_path):
     """12 steps straight vs 7 steps + resume(ckpt_path=last) to 12: the same losses at steps 8..12.
 
@@ -129,17 +141,11 @@ def test_resume_from_last_gives_the_uninterrupted_losses(shapes_dir, tmp_path):
         "callbacks.last_checkpoint.every_n_train_steps=7",
         "test=false",
     ]
-    full_dir, part_dir = tmp_path / "full", tmp_path / "part"
-    train(_cfg([*common, "trainer.max_steps=12"], full_dir))
-    _, objs = train(_cfg([*common, "trainer.max_steps=7"], part_dir))
-    assert objs["trainer"].global_step == 7
-    _, objs = train(_cfg([*common, "trainer.max_steps=12", "ckpt_path=last"], part_dir))
-    assert objs["trainer"].global_step == 12
-    full, part = _losses(full_dir), _losses(part_dir)
+    full, part = _straight_and_resumed(common, 12, 7, tmp_path)
     assert sorted(full) == list(range(12)) and sorted(part) == list(range(12))
     assert [part[s] for s in range(12)] == [full[s] for s in range(12)]
     # the last checkpoint carries the data position and loads without unpickling code
-    ckpt = torch.load(part_dir / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    ckpt = torch.load(tmp_path / "part" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert ckpt["global_step"] == 12 and "tokenizer_json" in ckpt
 
 
@@ -158,12 +164,7 @@ def test_resume_restores_the_random_stream_of_dropout(shapes_dir, tmp_path, rng_
         "test=false",
         *([] if rng_state else ["~callbacks.rng_state"]),
     ]
-    full_dir, part_dir = tmp_path / "full", tmp_path / "part"
-    train(_cfg([*common, "trainer.max_steps=8"], full_dir))
-    train(_cfg([*common, "trainer.max_steps=4"], part_dir))
-    _, objs = train(_cfg([*common, "trainer.max_steps=8", "ckpt_path=last"], part_dir))
-    assert objs["trainer"].global_step == 8
-    full, part = _losses(full_dir), _losses(part_dir)
+    full, part = _straight_and_resumed(common, 8, 4, tmp_path)
     assert sorted(full) == sorted(part) == list(range(8))
     assert [part[s] for s in range(4)] == [full[s] for s in range(4)]
     same_after = [part[s] for s in range(4, 8)] == [full[s] for s in range(4, 8)]
