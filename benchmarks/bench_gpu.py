@@ -1338,7 +1338,7 @@ class Suite:
                 ids = torch.randint(1, V, (b, t), device=self.device)
                 for variant in ("from_image_state", "from_image_state_one_pass", "from_image_state_two_pass",
                                 "from_image_state_prefix", "from_zero_state", "from_image_state_graph",
-                                "from_image_state_graph_no_skip", "from_zero_state_graph"):  # fmt: skip
+                                "from_image_state_graph_two_pass", "from_zero_state_graph"):  # fmt: skip
                     graph = "_graph" in variant
                     if graph and not self.cuda:
                         continue
@@ -1347,12 +1347,13 @@ class Suite:
                            "what": "LanguageMamba(inputs_embeds=prompt, state=image state or None, return_state=True, "
                            "logits='last'); the image's own prefill is not timed"
                            + ("; captured in a CUDA graph and replayed (as generate's prefill graphs run it: "
-                              "the default form in a capture, the h0 term's skip of decayed terms on or off)"
-                              if graph else "")}  # fmt: skip
+                              "the default form in a capture, or two passes forced)" if graph else ""),
+                           "state_scan_default": _state_scan_default()}  # fmt: skip
 
                     def run(ids=ids, st=None if variant.startswith("from_zero") else state, variant=variant):
-                        # the default form (triton_scan.state_scan_form: one pass up to 4K tokens),
-                        # or one forced: the one-pass Triton scan from h0, the zero-state kernel + h0 term
+                        # the default form (triton_scan.state_scan_form: the CUDA scan from h0 where
+                        # it builds), or one forced: the one-pass Triton scan from h0, the zero-state
+                        # kernel + h0 term, the state as prefix tokens
                         form = ("_".join(variant.rsplit("_", 2)[-2:]) if variant.endswith("_pass")
                                 else "prefix" if variant.endswith("_prefix") else None)  # fmt: skip
                         with _env(STATE_SCAN_ENV, form):
@@ -1361,18 +1362,11 @@ class Suite:
                                     inputs_embeds=lm.embed(ids), state=st, return_state=True, logits="last"
                                 )
 
-                    def measure(run=run, b=b, t=t, graph=graph, skip=not variant.endswith("_no_skip")):
-                        from vlm_mamba.ops import triton_scan
-
-                        cutoff = triton_scan.DECAY_CUTOFF
-                        triton_scan.DECAY_CUTOFF = cutoff if skip else None
-                        try:
-                            fn = _graphed(run) if graph else run
-                            # eager prefills at these sizes are host-bound and the host's time varies
-                            # by ms from call to call (additive noise): the fastest of 7 calls
-                            r = self.timed(fn, model_bytes(lm), repeat=7)
-                        finally:
-                            triton_scan.DECAY_CUTOFF = cutoff
+                    def measure(run=run, b=b, t=t, graph=graph):
+                        fn = _graphed(run) if graph else run
+                        # eager prefills at these sizes are host-bound and the host's time varies
+                        # by ms from call to call (additive noise): the fastest of 7 calls
+                        r = self.timed(fn, model_bytes(lm), repeat=7)
                         r["min_ms"] = min(r["times_ms"])
                         r["tokens_per_s"] = b * t / (r["min_ms"] / 1e3)
                         r["tokens_per_s_method"] = "b x t / the fastest of 7 calls"
@@ -1960,7 +1954,7 @@ def summarize(records: list[dict]) -> dict:
                     "from_image_state_two_pass": ", two passes forced (zero-state kernel + h0 term)",
                     "from_image_state_prefix": ", state as 2n prefix tokens forced",
                     "from_image_state_graph": ", both in CUDA graphs",
-                    "from_image_state_graph_no_skip": ", both in CUDA graphs, every h0 term computed"}  # fmt: skip
+                    "from_image_state_graph_two_pass": ", both in CUDA graphs, two passes forced"}  # fmt: skip
             add(f"prompt prefill: from the image state vs from zero{form.get(r['variant'], '')}", r["case"], r, ref,
                 "tokens_per_s", "zero state")  # fmt: skip
         if r["section"] == "prefill_vlm" and r["model"] == "ours":
@@ -2064,6 +2058,18 @@ def print_summary(summary: dict, env: dict) -> None:
     if sc["lengths"]:
         print(f"lengths: ours/peer tokens/s {dict(zip(sc['lengths'], [round(x, 2) for x in sc['ours_over_peer_tokens_per_s']]))}, "
               f"crossover {sc['crossover_length']}, exponents {sc['exponent_ms_per_sequence']}")  # fmt: skip
+
+
+def _state_scan_default() -> str:
+    """What a prefill from a state runs by default here: "cuda" (the CUDA scan from h0 is built) or
+    the reason it is not, and the Triton forms serve."""
+    if not torch.cuda.is_available():
+        return "no CUDA"
+    from vlm_mamba.ops import cuda_scan_state
+
+    return (
+        "cuda" if cuda_scan_state.load() is not None else f"triton ({cuda_scan_state.unavailable_reason()})"
+    )
 
 
 def _graphed(fn: Callable[[], Any]) -> Callable[[], Any]:

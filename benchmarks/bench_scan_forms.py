@@ -3,7 +3,8 @@ per call of one layer's shapes (e 1536, n 16, bf16 inputs, fp32 state), over bat
 
     python benchmarks/bench_scan_forms.py --out benchmarks/results/scan_forms_<device>.json
 
-Forms (``vlm_mamba.ops.triton_scan.state_scan_form``): ``one_pass`` (the Triton scan from h0,
+Forms (``vlm_mamba.ops.triton_scan.state_scan_form``): ``cuda`` (the CUDA scan from h0,
+``ops.cuda_scan_state``: mamba_ssm's algorithm starting from the state), ``one_pass`` (the Triton scan from h0,
 ``selective_scan_from_state``: one step at a time up to ``SEQUENTIAL_MAX_LENGTH`` tokens, else
 an associative scan per block; ``one_pass_blocks`` the latter always) and ``two_pass`` (mamba_ssm's ``selective_scan_fn`` from zero, then
 the h0 term, ``add_initial_state``); ``from_zero`` is ``selective_scan_fn`` alone (what a prompt
@@ -29,6 +30,7 @@ from benchmarks.bench_step_kernels import per_call_us, write_results  # noqa: E4
 
 CASES = [
     (1, 16),
+    (1, 256),
     (8, 16),
     (32, 16),
     (160, 16),
@@ -38,6 +40,7 @@ CASES = [
     (8, 256),
     (1, 1024),
     (8, 1024),
+    (1, 4096),
     (8, 4096),
 ]
 
@@ -71,6 +74,7 @@ def main() -> None:
     from mamba_ssm.ops.selective_scan_interface import selective_scan_fn
 
     from vlm_mamba.ops import cuda as cuda_ops
+    from vlm_mamba.ops import cuda_scan_state
     from vlm_mamba.ops import triton_conv as TC
     from vlm_mamba.ops import triton_scan as TS
 
@@ -95,6 +99,9 @@ def main() -> None:
 
         return {
             "from_zero": lambda: selective_scan_fn(u, delta, A, B, C, D, z, bias, True, True),
+            "cuda": lambda: cuda_scan_state.selective_scan_from_state(
+                u, delta, A, B, C, D, z, bias, True, h0
+            ),
             "one_pass": lambda: TS.selective_scan_from_state(u, delta, A, B, C, D, z, bias, True, h0),
             "seq_from_zero": lambda: TS.selective_scan_from_state(
                 u, delta, A, B, C, D, z, bias, True, torch.zeros_like(h0), sequential=True

@@ -1,5 +1,6 @@
-"""Prefill from a cached state on CUDA: Mamba-1's scan from an initial state through the Triton h0
-term (``ops.triton_scan``, no (b,e,l,n) tensor) against the sequential reference scan, per element,
+"""Prefill from a cached state on CUDA: Mamba-1's scan from an initial state through the CUDA scan
+from h0 (``ops.cuda_scan_state``) and the Triton forms (``ops.triton_scan``, no (b,e,l,n) tensor)
+against the sequential reference scan, per element,
 fp32 and bf16, with and without trailing pads; and the whole model: [image] prefilled, then the
 prompt from that state, equals the same tokens prefilled at once (logits and final states).
 Needs a GPU and the kernels (``pytest -m gpu tests/test_gpu_prefill.py``)."""
@@ -35,14 +36,26 @@ def _scan_inputs(dtype, b=3, e=96, length=300, n=16, pads=False, seed=0):
     return {k: (v.to(DEV, dtype) if k in low else v.to(DEV)) for k, v in t.items()}
 
 
-@pytest.mark.parametrize("form", ["two_pass", "one_pass"])
+def _cuda_scan_state():
+    """The CUDA scan from a state, built (a test of it fails, not skips, when the build fails)."""
+    from vlm_mamba.ops import cuda_scan_state
+
+    if DRY:
+        pytest.skip("the CUDA kernel has no CPU twin to dry-run")
+    assert cuda_scan_state.load() is not None, cuda_scan_state.unavailable_reason()
+    return cuda_scan_state
+
+
+@pytest.mark.parametrize("form", ["cuda", "two_pass", "one_pass"])
 @pytest.mark.parametrize("pads", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_scan_from_a_state_equals_the_reference_scan(dtype, pads, form, monkeypatch):
-    """ops.selective_scan from a state on the kernels: selective_scan_fn from zero + the Triton h0
-    term (two_pass, the default above ONE_PASS_MAX_TOKENS), or the one-pass Triton scan (below)."""
+    """ops.selective_scan from a state on the kernels: the CUDA scan from h0 (the default), mamba_ssm's
+    selective_scan_fn from zero + the Triton h0 term (two_pass), or the one-pass Triton scan."""
     monkeypatch.setenv(triton_scan.STATE_SCAN_ENV, form)
     t = _scan_inputs(dtype, pads=pads)
+    if form == "cuda":
+        _cuda_scan_state()
     assert ops_cuda._initial_state_kernel_ok(t["A"], t["C"], *t.values())  # a Triton path runs
     with torch.no_grad():
         y, last = ops.selective_scan(**t, delta_softplus=True, return_last_state=True, kernel=FAST)
@@ -50,6 +63,67 @@ def test_scan_from_a_state_equals_the_reference_scan(dtype, pads, form, monkeypa
     tol = (1e-4, 1e-4) if dtype == torch.float32 else (2e-2, 5e-2)
     close(y, ry, *tol, what=f"{form} y {dtype} pads={pads}")
     close(last, rlast, 1e-4, 1e-4, what=f"{form} last state {dtype} pads={pads}")
+
+
+# lengths across the kernel's five (threads, items) bins, a ragged chunk, and several 2048-token
+# chunks whose carried prefix must continue the state
+@pytest.mark.parametrize("length", [1, 5, 128, 200, 256, 511, 777, 1024, 2048, 2049, 4500])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_scan_from_a_state_equals_the_reference_per_element(dtype, length):
+    """ops.cuda_scan_state against the sequential reference scan from the same state (outputs and
+    last state per element), and from a zero state against mamba_ssm's own kernel, which runs the
+    same arithmetic in the same order: within a rounding of the output dtype."""
+    k = _cuda_scan_state()
+    t = _scan_inputs(dtype, b=2, e=64, length=length, seed=length)
+    h0 = t.pop("initial_state")
+    with torch.no_grad():
+        y, last = k.selective_scan_from_state(**t, delta_softplus=True, h0=h0)
+        ry, rlast = selective_scan_ref(**t, delta_softplus=True, initial_state=h0, return_last_state=True)
+        y0, last0 = k.selective_scan_from_state(**t, delta_softplus=True, h0=None)
+        sy, slast = ops_cuda.load().selective_scan_fn(
+            t["u"], t["delta"], t["A"], t["B"], t["C"], t["D"], t["z"], t["delta_bias"], True, True
+        )
+    tol = (1e-4, 1e-4) if dtype == torch.float32 else (2e-2, 5e-2)
+    close(y, ry, *tol, what=f"y from h0, {dtype}, l={length}")
+    close(last, rlast, 1e-4, 1e-4, what=f"last state from h0, {dtype}, l={length}")
+    assert y.dtype == dtype and last.dtype == torch.float32 and last.shape == h0.shape
+    same = (1e-5, 1e-5) if dtype == torch.float32 else (2 * torch.finfo(dtype).eps, 1e-2)  # ~1 ulp
+    close(y0, sy, *same, what=f"y from zero vs mamba_ssm, {dtype}, l={length}")
+    close(last0, slast, 1e-5, 1e-6, what=f"last state from zero vs mamba_ssm, {dtype}, l={length}")
+
+
+@pytest.mark.parametrize("variant", ["no_z_D_bias", "no_softplus", "model_layout", "unaligned", "pads"])
+def test_cuda_scan_from_a_state_options_and_layouts(variant):
+    """The kernel's options (no gate, no D, no bias, raw dt) and the layouts it meets: the mixer's
+    (delta and z as (e, b, l) memory viewed (b, e, l), B and C strided views of x_proj's output),
+    rows that start off a 16-byte boundary (element-wise loads), trailing pads (dt = 0 exactly)."""
+    k = _cuda_scan_state()
+    b, e, n, L = 3, 48, 16, 333
+    t = _scan_inputs(torch.bfloat16, b=b, e=e, n=n, length=L, pads=variant == "pads", seed=7)
+    h0 = t.pop("initial_state")
+    softplus = variant != "no_softplus"
+    if variant == "no_z_D_bias":
+        t.update(z=None, D=None, delta_bias=None)
+    if variant == "no_softplus":
+        t["delta"] = torch.nn.functional.softplus(t["delta"].float()).to(torch.bfloat16)  # dt >= 0 as given
+        t["delta_bias"] = None
+    if variant == "model_layout":
+        t["delta"] = t["delta"].transpose(0, 1).contiguous().transpose(0, 1)  # (e,b,l) memory
+        t["z"] = t["z"].transpose(0, 1).contiguous().transpose(0, 1)
+        xdbl = torch.randn(b, L, 5 + 2 * n, device=DEV, dtype=torch.bfloat16)  # x_proj's (b,l,r+2n)
+        t["B"], t["C"] = xdbl[..., 5 : 5 + n].transpose(1, 2), xdbl[..., 5 + n :].transpose(1, 2)
+    if variant == "unaligned":
+        for name in ("u", "delta", "z"):
+            wide = torch.randn(b, e, L + 1, device=DEV, dtype=torch.bfloat16)
+            wide[..., 1:] = t[name]
+            t[name] = wide[..., 1:]  # rows of 333 elements starting 2 bytes in
+    with torch.no_grad():
+        y, last = k.selective_scan_from_state(**t, delta_softplus=softplus, h0=h0)
+        ry, rlast = selective_scan_ref(**t, delta_softplus=softplus, initial_state=h0, return_last_state=True)
+    close(y, ry, 2e-2, 5e-2, what=f"y {variant}")
+    close(last, rlast, 1e-4, 1e-4, what=f"last state {variant}")
+    if variant == "model_layout":
+        assert y.stride() == t["delta"].stride()  # laid out like delta, as mamba_ssm's output
 
 
 def test_scan_from_a_state_with_gradients_keeps_the_differentiable_path():
@@ -64,7 +138,7 @@ def test_scan_from_a_state_with_gradients_keeps_the_differentiable_path():
     close(g, rg, 1e-3, 1e-3, what="d initial_state")
 
 
-@pytest.mark.parametrize("form", ["auto", "prefix", "two_pass", "one_pass"])
+@pytest.mark.parametrize("form", ["auto", "cuda", "prefix", "two_pass", "one_pass"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_prompt_prefilled_from_the_image_state_equals_one_prefill(dtype, form, monkeypatch):
     """generate's image-state path: [image] then the left-padded prompt from its state, against

@@ -131,7 +131,8 @@ class GraphCache:
         model = self.model()
         weights = tuple(p.data_ptr() for p in model.parameters()) if model is not None else ()
         amp = (torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))
-        kernels = triton_scan.short_scan_switch()  # a graph holds the scan kernels chosen at capture
+        # a graph holds the scan kernels chosen at capture
+        kernels = (triton_scan.short_scan_switch(), triton_scan.state_scan_switch())
         return (
             name,
             amp,

@@ -3,11 +3,13 @@
 Only ``vlm_mamba.ops`` imports this module, and only after ``load()`` succeeded. What the kernels
 lack is added here without leaving the GPU:
 
-- ``selective_scan_fn`` takes no initial state. The scan is linear in its state, so a run from h0
-  equals the run from zero plus ``C_t . (exp(A * cumsum(delta)_t) * h0)`` at every step (and the
-  same decay times h0 on the last state); that term is added with plain tensor ops (autograd ok).
-  Forward-only calls take a Triton kernel instead: the one-pass scan from h0 for short prefills,
-  else the zero-state kernel + the h0 term (``triton_scan.state_scan_form`` says which, and why).
+- ``selective_scan_fn`` takes no initial state. Forward-only calls take the project's CUDA scan that
+  starts from it (``ops.cuda_scan_state``, mamba_ssm's algorithm with the carried prefix starting at
+  h0, compiled on first use) or, where that is not built, a Triton form: the one-pass scan from h0
+  for short prefills, else the zero-state kernel + the h0 term (``triton_scan.state_scan_form`` says
+  which, and why). The scan is linear in its state, so a run from h0 equals the run from zero plus
+  ``C_t . (exp(A * cumsum(delta)_t) * h0)`` at every step (and the same decay times h0 on the last
+  state); where autograd must differentiate, that term is added with plain tensor ops.
   With ``VLM_MAMBA_STATE_SCAN=prefix`` Mamba-1's mixer does not come here with a state: it writes the
   state into the sequence as prefix tokens (``ops.state_prefix``) and calls the zero-state kernel.
 - ``causal_conv1d_fn`` takes initial states only for channel-last inputs; only the first k-1
@@ -28,7 +30,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from vlm_mamba.ops import triton_conv, triton_scan
+from vlm_mamba.ops import cuda_scan_state, triton_conv, triton_scan
 from vlm_mamba.ops.reference import _dt, _groups_to_channels
 
 
@@ -133,8 +135,20 @@ def selective_scan(
         return (y, last) if return_last_state else y
     if initial_state is None:
         return K.selective_scan_fn(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state)
+    cuda_ok = (
+        triton_scan.state_scan_switch() in ("auto", "cuda")
+        and cuda_scan_state.applies(u, delta, A, B, C, z)
+        and not _needs_grad(u, delta, A, B, C, D, z, delta_bias, initial_state)
+        and cuda_scan_state.load() is not None  # built on the first call outside a capture
+    )
+    form = triton_scan.state_scan_form(u.shape[0], u.shape[-1], cuda_kernel=cuda_ok)
+    if form == "cuda":  # the CUDA scan that starts from h0 (ops.cuda_scan_state): one launch
+        y, last = cuda_scan_state.selective_scan_from_state(
+            u, delta, A, B, C, D, z, delta_bias, delta_softplus, initial_state
+        )
+        return (y, last) if return_last_state else y
     if (
-        triton_scan.state_scan_form(u.shape[0], u.shape[-1]) == "one_pass"
+        form == "one_pass"
         and B.dim() == 3
         and _initial_state_kernel_ok(A, C, u, delta, B, D, z, delta_bias, initial_state)
     ):  # the one-pass Triton scan from h0 (short prefills, see triton_scan.state_scan_form)

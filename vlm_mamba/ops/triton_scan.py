@@ -33,13 +33,15 @@ from torch import Tensor
 from vlm_mamba.ops._triton import available, tl, triton  # noqa: F401  (available: this module's API)
 
 # How ``vlm_mamba.ops.cuda.selective_scan`` runs a forward from a state (the image-state cache),
-# read at every call: "one_pass" (or "triton") :func:`selective_scan_from_state`; "two_pass"
+# read at every call: "cuda" the CUDA scan that starts from the state itself
+# (``vlm_mamba.ops.cuda_scan_state``, compiled on first use; where it cannot be, "auto");
+# "one_pass" (or "triton") :func:`selective_scan_from_state`; "two_pass"
 # mamba_ssm's scan from zero + :func:`add_initial_state`; "prefix" the state written as 2n prefix
 # tokens before the prompt and mamba_ssm's scan from zero over both (``vlm_mamba.ops.state_prefix``,
 # taken by ``layers.mamba1``; where it cannot be, two passes; opt-in: measured slower, see
 # below); "auto" (unset) one pass for prompts up to SEQUENTIAL_MAX_LENGTH tokens (one step at a
-# time) and up to ONE_PASS_MAX_TOKENS tokens (batch x length), two passes above and, for longer
-# prompts, whenever a CUDA graph is being captured.
+# time), the CUDA kernel above that where it builds, else one pass up to ONE_PASS_MAX_TOKENS tokens
+# (batch x length), two passes above and, for longer prompts, whenever a CUDA graph is being captured.
 #
 # Measured on an H200 (base LM, d 768, 24 layers; prefill tokens/s from the state / from zero;
 # benchmarks/results/bench_gpu_nvidia_h200_run_prefill_bd07cec.json): one pass 0.85 / 0.77 / 0.97x
@@ -65,7 +67,7 @@ from vlm_mamba.ops._triton import available, tl, triton  # noqa: F401  (availabl
 # and two passes 0.75x, the reverse: eager calls of this size vary by +-15% on that host (b=8, 4K,
 # the same two-pass work forced and by default: 23.9 and 27.2 ms), so the device time decides.
 STATE_SCAN_ENV = "VLM_MAMBA_STATE_SCAN"
-STATE_SCAN_FORMS = ("auto", "one_pass", "two_pass", "triton", "prefix")
+STATE_SCAN_FORMS = ("auto", "cuda", "one_pass", "two_pass", "triton", "prefix")
 ONE_PASS_MAX_TOKENS = 4096
 # Prompts up to this many tokens take the one-pass form's step-at-a-time kernel, graphs included.
 # mamba_ssm's scan is latency-bound on short sequences (a block per row and channel): on an H200
@@ -116,18 +118,30 @@ def short_scan_applies(batch: int, length: int) -> bool:
     return v == "on" or (v == "auto" and batch >= SHORT_SCAN_MIN_BATCH)
 
 
-def state_scan_form(batch: int, length: int) -> str:
-    """ "one_pass" or "two_pass": the form a scan from a state of ``batch`` x ``length`` tokens takes."""
-    v = os.environ.get(STATE_SCAN_ENV, "").strip().lower() or "auto"
-    if v not in STATE_SCAN_FORMS:
-        raise ValueError(f"{STATE_SCAN_ENV}={v!r}: expected one of {', '.join(STATE_SCAN_FORMS)}")
+def state_scan_form(batch: int, length: int, cuda_kernel: bool = False) -> str:
+    """ "cuda", "one_pass", "two_pass" or "prefix": the form a scan from a state of ``batch`` x
+    ``length`` tokens takes; ``cuda_kernel``: whether the CUDA scan from a state
+    (``ops.cuda_scan_state``) can serve the call (a forced "cuda" without it falls back to "auto")."""
+    v = state_scan_switch()
+    if v == "cuda" and not cuda_kernel:
+        v = "auto"
     if v == "auto":
         if length <= SEQUENTIAL_MAX_LENGTH:
             return "one_pass"  # the step-at-a-time kernel: mamba_ssm's scan is latency-bound there
+        if cuda_kernel:
+            return "cuda"  # the scan itself starts from the state: no second pass
         if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
             return "two_pass"  # a graph replays launches for free: the form with less device time
         return "one_pass" if batch * length <= ONE_PASS_MAX_TOKENS else "two_pass"
     return "one_pass" if v in ("one_pass", "triton") else v
+
+
+def state_scan_switch() -> str:
+    """``VLM_MAMBA_STATE_SCAN`` read (unset: "auto"); an unknown value is an error naming the choices."""
+    v = os.environ.get(STATE_SCAN_ENV, "").strip().lower() or "auto"
+    if v not in STATE_SCAN_FORMS:
+        raise ValueError(f"{STATE_SCAN_ENV}={v!r}: expected one of {', '.join(STATE_SCAN_FORMS)}")
+    return v
 
 
 if triton is not None:
