@@ -133,6 +133,57 @@ def test_state_scan_form_one_pass_for_short_eager_prefills_and_the_override(monk
     assert T.state_scan_form(160, 16) == "two_pass"
 
 
+def test_state_scan_form_takes_the_cuda_scan_where_it_serves(monkeypatch):
+    """With the CUDA scan from a state available, "auto" takes it above SEQUENTIAL_MAX_LENGTH tokens,
+    eager or captured; "cuda" forced without it falls back to auto's choice; other forms stay forced."""
+    from vlm_mamba.ops import triton_scan as T
+
+    monkeypatch.delenv(T.STATE_SCAN_ENV, raising=False)
+    L = T.SEQUENTIAL_MAX_LENGTH
+    assert T.state_scan_form(8, 4096, cuda_kernel=True) == "cuda"
+    assert T.state_scan_form(1, L + 1, cuda_kernel=True) == "cuda"
+    assert T.state_scan_form(160, L, cuda_kernel=True) == "one_pass"  # the step-at-a-time kernel
+    monkeypatch.setenv(T.STATE_SCAN_ENV, "cuda")
+    assert T.state_scan_form(8, 4096, cuda_kernel=True) == "cuda"
+    assert T.state_scan_form(8, 4096) == "two_pass" and T.state_scan_form(1, 1024) == "one_pass"
+    monkeypatch.setenv(T.STATE_SCAN_ENV, "two_pass")
+    assert T.state_scan_form(8, 4096, cuda_kernel=True) == "two_pass"
+    monkeypatch.setattr(T.torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(T.torch.cuda, "is_current_stream_capturing", lambda: True)
+    monkeypatch.delenv(T.STATE_SCAN_ENV)
+    assert T.state_scan_form(1, L + 1, cuda_kernel=True) == "cuda"
+
+
+def test_cuda_scan_state_says_why_it_cannot_serve_and_ships_its_sources(monkeypatch):
+    """Without CUDA the kernel is not built and says why; its sources are where the build reads
+    them and in the package data; the argument check turns away what the kernel does not take."""
+    import tomllib
+    import torch
+
+    from vlm_mamba.ops import cuda_scan_state as K
+
+    monkeypatch.setattr(K, "_module", None)
+    monkeypatch.setattr(K, "_reason", None)
+    monkeypatch.setattr(K.torch.cuda, "is_available", lambda: False)
+    assert K.load() is None and "is_available() is False" in K.unavailable_reason()
+    for f in K.SOURCES + K.HEADERS:
+        assert (K.CSRC / f).is_file(), f
+    data = tomllib.loads((K.CSRC.parents[2] / "pyproject.toml").read_text())
+    globs = data["tool"]["setuptools"]["package-data"]["vlm_mamba"]
+    assert all(any(Path("ops/csrc", f).match(g) for g in globs) for f in K.SOURCES + K.HEADERS)
+    assert K._name().startswith("vlm_mamba_scan_state_")
+    u, A, B = torch.zeros(1, 4, 8), torch.zeros(4, 16), torch.zeros(1, 16, 8)
+    assert not K.applies(u, u, A, B, B, None)  # a CPU tensor
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    assert K.applies(u, u, A, B, B, u) and K.applies(
+        u.bfloat16(), u.bfloat16(), A, B.bfloat16(), B.bfloat16(), None
+    )
+    assert not K.applies(u.half(), u.half(), A, B.half(), B.half(), None)  # fp16: the Triton forms
+    assert not K.applies(u, u, A, B[:, None], B[:, None], None)  # grouped (b, g, n, l) B and C
+    assert not K.applies(u, u, torch.zeros(4, 512), B, B, None)  # d_state above 256
+    assert not K.applies(u, u.bfloat16(), A, B, B, None)  # mixed dtypes
+
+
 def test_short_scan_switch_reads_its_variable(monkeypatch):
     """VLM_MAMBA_SHORT_SCAN: auto (unset) from SHORT_SCAN_MIN_BATCH rows and up to
     SHORT_SCAN_MAX_LENGTH tokens, on at any batch, off never; a bad value names the variable."""

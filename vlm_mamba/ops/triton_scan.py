@@ -66,6 +66,10 @@ from vlm_mamba.ops._triton import available, tl, triton  # noqa: F401  (availabl
 # ONE_PASS_MAX_TOKENS is 4096 (it was 8192). The next run (901cfcc) timed b=8, 1K one pass 0.88x
 # and two passes 0.75x, the reverse: eager calls of this size vary by +-15% on that host (b=8, 4K,
 # the same two-pass work forced and by default: 23.9 and 27.2 ms), so the device time decides.
+# At d2f79d7 the CUDA scan from the state (ops.cuda_scan_state) took over above SEQUENTIAL_MAX_LENGTH
+# tokens: in graphs 0.95 / 1.00 / 1.01x the zero-state prefill at b=1, 256 / 1K / 4K and 0.97 /
+# 1.01 / 1.02x at b=8, where two passes forced gave 0.79 / 0.76 / 0.70x and 0.73 / 0.73 / 0.77x
+# (run bench_gpu_nvidia_h200_run_prefill_d2f79d7.json); these forms stay for where it cannot be built.
 STATE_SCAN_ENV = "VLM_MAMBA_STATE_SCAN"
 STATE_SCAN_FORMS = ("auto", "cuda", "one_pass", "two_pass", "triton", "prefix")
 ONE_PASS_MAX_TOKENS = 4096
