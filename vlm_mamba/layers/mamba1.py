@@ -269,7 +269,10 @@ class MambaMixer(nn.Module):
             delta, delta_bias = self._delta_channels_first(dt)  # (b,e,l)
             if valid is not None:  # dt = softplus(-1e4 + bias) = 0 exactly at pads: exp(0*A) = 1 and no
                 # input, an identity step. Done before the scan so the scan keeps its fused bias + softplus.
-                delta = delta.masked_fill(~valid[:, None], PAD_DELTA)
+                # In place on dt_proj's fresh output: the out-of-place masked_fill clones to a contiguous
+                # (b,e,l), and the scan's output (laid out like delta) then cost out_proj a copy too (two
+                # (b,e,l) copies a layer: 7.6 of 24.7 ms at b=8, 4K, H200, d2f79d7)
+                delta.masked_fill_(~valid[:, None], PAD_DELTA)
         order = None
         if state is not None and not torch.is_grad_enabled() and x.is_cuda:
             from vlm_mamba.ops import triton_scan
