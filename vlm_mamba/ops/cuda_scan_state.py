@@ -40,11 +40,12 @@ _reason: str | None = None
 
 
 def _name() -> str:
-    """The extension's name, hashed from its sources and flags: an edited kernel is a new build."""
+    """The extension's name, hashed from its sources, flags and torch/CUDA versions: an edited kernel
+    or an upgraded torch is a new build (torch's own check covers sources and flags, not its ABI)."""
     h = hashlib.sha256()
     for f in SOURCES + HEADERS:
         h.update((CSRC / f).read_bytes())
-    h.update(" ".join(CUDA_FLAGS).encode())
+    h.update(" ".join((*CUDA_FLAGS, torch.__version__, str(torch.version.cuda))).encode())
     return f"vlm_mamba_scan_state_{h.hexdigest()[:12]}"
 
 
