@@ -45,7 +45,9 @@ CASES = [
 ]
 
 
-def eager_us(fn, calls: int, reps: int) -> float:
+def eager_times_us(fn, calls: int, reps: int) -> list[float]:
+    """Per-call us of ``fn`` called eagerly: CUDA events around ``calls`` calls, ``reps`` times,
+    after 3 warm-up calls."""
     for _ in range(3):
         fn()
     torch.cuda.synchronize()
@@ -58,7 +60,11 @@ def eager_us(fn, calls: int, reps: int) -> float:
         b.record()
         torch.cuda.synchronize()
         times.append(a.elapsed_time(b) * 1e3 / calls)
-    return statistics.median(times)
+    return times
+
+
+def eager_us(fn, calls: int, reps: int) -> float:
+    return statistics.median(eager_times_us(fn, calls, reps))
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks.bench_gpu import _graphed, top_kernels  # noqa: E402
+from benchmarks.bench_scan_forms import eager_times_us  # noqa: E402
 from vlm_mamba import create_model  # noqa: E402
 from vlm_mamba.models.vlm import _flatten_state, _unflatten_state  # noqa: E402
 
@@ -34,17 +35,8 @@ if not torch.cuda.is_available():
 
 
 def t_ms(fn, n=10):
-    for _ in range(3):
-        fn()
-    torch.cuda.synchronize()
-    ts = []
-    for _ in range(n):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        ts.append(a.elapsed_time(b))
+    """(fastest, median) ms of ``n`` eager calls after 3 warm-ups (CUDA events)."""
+    ts = [t / 1e3 for t in eager_times_us(fn, 1, n)]
     return min(ts), statistics.median(ts)
 
 
