@@ -13,7 +13,7 @@
 It says up front what the machine lacks for speed: without a C compiler the selective scan runs in
 PyTorch (training ~1.5x slower); the timings and the machine go into ``demo_results.json``.
 
-    python -m vlm_mamba.demo --out runs/demo [--steps N] [--skip-train]
+    python -m vlm_mamba.demo [--out runs/demo] [--skip-train] [train.py overrides, e.g. seed=2 trainer.max_steps=200]
 """
 
 from __future__ import annotations
@@ -108,10 +108,12 @@ def _train(out: Path, data_dir: Path, overrides: list[str]) -> Path:
         "experiment=demo",
         f"paths.data_dir={data_dir}",
         f"hydra.run.dir={run_dir}",
+        "print_config=false",  # the tree is in <run dir>/config_tree.log, printed below
         *overrides,
     ]
     print("+", " ".join(cmd), flush=True)
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    print(f"  config: {run_dir / 'config_tree.log'}", flush=True)
     subprocess.run(cmd, check=True, env=env, cwd=ROOT)
     ckpts = sorted((run_dir / "checkpoints").glob("last*.ckpt"), key=lambda p: p.stat().st_mtime)
     if not ckpts:
@@ -207,6 +209,7 @@ def main(argv: list[str] | None = None) -> int:
                 "vqav2": {"max_new_tokens": 6},
             },
             "caption_metrics": {"spice": False},
+            "print_metrics": False,
         }
         ev[task] = run_eval(cfg, out / "eval" / task)
     t_eval = time.time() - t2

@@ -424,6 +424,44 @@ def test_tokenizer_output_that_does_not_line_up_is_an_error(monkeypatch):
         M._tokenize({1: ["a b"], 2: ["c d"]}, "predictions")
 
 
+@needs_java
+def test_tokenizer_success_line_is_dropped_and_other_java_stderr_kept(capfd):
+    # the real Java tokenizer: its "PTBTokenizer tokenized N tokens at ..." line (once per call, drawn
+    # across the progress bar) is dropped; the tokens are unchanged
+    out = M._tokenize({1: ["A red circle."]}, "predictions")
+    assert out == {1: ["a red circle"]}
+    err = capfd.readouterr().err
+    assert "PTBTokenizer tokenized" not in err
+    # anything else the subprocess writes to fd 2 (a Java error) comes back on stderr and in the error
+    with M._tokenizer_stderr() as kept:
+        subprocess.run(
+            [
+                "sh",
+                "-c",
+                "echo 'PTBTokenizer tokenized 3 tokens at 9.50 tokens per second.' >&2; "
+                "echo 'Exception in thread main' >&2",
+            ],
+            check=True,
+        )
+    assert kept == ["Exception in thread main"]
+    err = capfd.readouterr().err
+    assert "Exception in thread main" in err and "PTBTokenizer tokenized" not in err
+
+
+def test_tokenizer_misalignment_error_carries_the_java_stderr(monkeypatch):
+    from pycocoevalcap.tokenizer import ptbtokenizer
+
+    def broken(self, caps):
+        subprocess.run(["sh", "-c", "echo 'Error: could not find class' >&2"], check=True)
+        return {}
+
+    monkeypatch.setattr(ptbtokenizer.PTBTokenizer, "tokenize", broken)
+    with pytest.raises(
+        CaptionMetricError, match=r"image_ids 1 \(1\); java stderr: Error: could not find class"
+    ):
+        M._tokenize({1: ["a b"]}, "predictions")
+
+
 def test_missing_java_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(M.shutil, "which", lambda name: None)
     with pytest.raises(JavaNotFoundError, match=r"Java 17.*PTB tokenizer.*METEOR"):

@@ -165,7 +165,8 @@ def run_eval(cfg: Mapping[str, Any], out_dir: Path) -> dict[str, Any]:
     write_metrics(payload, out_dir / "metrics.json")
     if samples:
         draw_predictions(samples, out_dir / f"samples_{task}_{split}.png", title=f"{task} / {split}")
-    print(metrics_text({task: {split: summary(task, metrics)}}))
+    if cfg.get("print_metrics", True):  # `make demo` prints one table of both tasks instead
+        print(metrics_text({task: {split: summary(task, metrics)}}))
     log.info("results %s, ground truth %s, metrics %s", res_path, gt_paths, out_dir / "metrics.json")
     return payload
 

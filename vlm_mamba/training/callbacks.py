@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import random
+import sys
 import time
 import warnings
 from collections.abc import Mapping, Sequence
@@ -18,7 +19,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import RichProgressBar
+from lightning.pytorch.callbacks import RichModelSummary, RichProgressBar
 
 from ..ops import cpu_unavailable_reason
 from ..ops.cpu_kernels import cxx_unavailable_reason
@@ -31,8 +32,8 @@ def silence_known_noise() -> None:
 
     - torch 2.14 deprecated ``isinstance(spec, LeafSpec)``; Lightning 2.6's ``_pytree`` still calls it
       on every ``training_step`` output (a FutureWarning about Lightning's code, fixed upstream).
-    - Lightning's "Tip: ... litlogger" advert, and its note that our ``RichModelSummary`` callback
-      replaces its default summary (the config chose it).
+    - Lightning's "Tip: ... litlogger" advert, its note that our ``RichModelSummary`` callback
+      replaces its default summary (the config chose it), and its "TPU/HPU available: False" lines.
     - torch's "No CUDA runtime is found, using CUDA_HOME=..." when inductor first looks for a
       toolchain on a CPU-only machine (it builds CPU kernels; CUDA is not wanted).
 
@@ -45,7 +46,13 @@ def silence_known_noise() -> None:
     for name, prefixes in (
         (
             "lightning.pytorch.utilities.rank_zero",
-            ("💡 Tip: For seamless cloud logging", "Trainer already configured with model summary"),
+            (
+                "💡 Tip: For seamless cloud logging",
+                "Trainer already configured with model summary",
+                # accelerators this project never runs on (the "GPU available" line stays)
+                "TPU available: False",
+                "HPU available: False",
+            ),
         ),
         ("torch.utils.cpp_extension", ("No CUDA runtime is found",)),
     ):
@@ -205,6 +212,32 @@ class StepProgressBar(RichProgressBar):
 
     def __init__(self, refresh_rate: int = 4, **kwargs: Any) -> None:
         super().__init__(refresh_rate=refresh_rate, **kwargs)
+        self._rerouted: list[tuple[logging.StreamHandler, Any]] = []
+
+    # While the bar is live on a terminal, Rich swaps sys.stdout/sys.stderr for proxies that print
+    # above the bar; logging's console handlers (Hydra's, Lightning's) keep the streams they were
+    # given at start-up and wrote across the bar's line. They write through the proxies meanwhile.
+    def _init_progress(self, trainer: L.Trainer) -> None:
+        before = (sys.stdout, sys.stderr)
+        super()._init_progress(trainer)
+        after = (sys.stdout, sys.stderr)
+        if self._rerouted or after == before:
+            return
+        swap = {id(b): a for b, a in zip(before, after) if a is not b}
+        loggers = [
+            logging.getLogger(),
+            logging.getLogger("lightning.pytorch"),
+            logging.getLogger("lightning.fabric"),
+        ]
+        for handler in {h for lg in loggers for h in lg.handlers}:
+            if type(handler) is logging.StreamHandler and id(handler.stream) in swap:
+                self._rerouted.append((handler, handler.setStream(swap[id(handler.stream)])))
+
+    def _stop_progress(self) -> None:
+        for handler, stream in self._rerouted:
+            handler.setStream(stream)
+        self._rerouted = []
+        super()._stop_progress()
 
     def _by_steps(self) -> bool:
         max_steps = self.trainer.max_steps
@@ -240,6 +273,67 @@ class StepProgressBar(RichProgressBar):
         items = super().get_metrics(trainer, pl_module)
         items.pop("v_num", None)  # the logger's version folder, not a metric
         return items
+
+
+class ModelSummary(RichModelSummary):
+    """Lightning's rich model summary without the FLOPs column and total when none were counted.
+
+    Lightning counts FLOPs only by running ``example_input_array`` through the model, which this
+    module does not define (a summary-time forward on one rank would hang a sharded run), so every
+    entry read 0 and the total said ``Total FLOPs: 0``. With a counted total the table is Lightning's.
+    """
+
+    @staticmethod
+    def summarize(
+        summary_data: list[tuple[str, list[str]]],
+        total_parameters: int,
+        trainable_parameters: int,
+        model_size: float,
+        total_training_modes: dict[str, int],
+        total_flops: int,
+        **summarize_kwargs: Any,
+    ) -> None:
+        if total_flops:
+            return RichModelSummary.summarize(
+                summary_data,
+                total_parameters,
+                trainable_parameters,
+                model_size,
+                total_training_modes,
+                total_flops,
+                **summarize_kwargs,
+            )
+        from lightning.pytorch.utilities.model_summary.model_summary import (
+            get_formatted_model_size,
+            get_human_readable_count,
+        )
+        from rich import get_console
+        from rich.table import Table
+
+        columns = [(name, values) for name, values in summary_data if name != "FLOPs"]
+        table = Table(header_style=summarize_kwargs.get("header_style", "bold magenta"))
+        for name, _ in columns:
+            justify = "right" if name in ("Params", "Params per Device", "In sizes", "Out sizes") else "left"
+            table.add_column(
+                name, justify=justify, style="dim" if name == " " else None, no_wrap=name == "Name"
+            )
+        for row in zip(*(values for _, values in columns)):
+            table.add_row(*row)
+        grid = Table.grid(expand=True)
+        grid.add_column()
+        for label, value in (
+            ("Trainable params", get_human_readable_count(int(trainable_parameters))),
+            ("Non-trainable params", get_human_readable_count(int(total_parameters - trainable_parameters))),
+            ("Total params", get_human_readable_count(int(total_parameters))),
+            ("Total estimated model params size (MB)", get_formatted_model_size(model_size)),
+            ("Modules in train mode", total_training_modes["train"]),
+            ("Modules in eval mode", total_training_modes["eval"]),
+        ):
+            grid.add_row(f"[bold]{label}[/]: {value}")
+        console = get_console()
+        console.print(table)
+        console.print(grid)
+        return None
 
 
 def step_progress_bar(enabled: bool = True, refresh_rate: int = 4, **kwargs: Any) -> L.Callback:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -117,10 +118,14 @@ def instantiate_list(node: DictConfig | None, what: str) -> list[Any]:
         raise ConfigError(
             f"{what} config must be a mapping of name -> {{_target_: ...}}, got {type(node).__name__}"
         )
+    names = []
     for name, child in node.items():
         if isinstance(child, DictConfig) and "_target_" in child:
-            log.info("instantiating %s.%s <%s>", what, name, child._target_)
+            log.debug("instantiating %s.%s <%s>", what, name, child._target_)
             out.append(hydra.utils.instantiate(child))
+            names.append(str(name))
+    if names:
+        log.info("%s: %s", what, ", ".join(names))
     return out
 
 
@@ -204,7 +209,7 @@ def train(cfg: DictConfig) -> tuple[dict[str, float], dict[str, Any]]:
 
 def run(cfg: DictConfig) -> float | None:
     """``train.py``'s body: print the config, train, return ``cfg.optimized_metric`` (for sweeps)."""
-    print_config_tree(cfg)
+    print_config_tree(cfg, echo=bool(cfg.get("print_config", True)))
     metrics, _ = train(cfg)
     name = cfg.get("optimized_metric")
     if not name:
@@ -317,8 +322,9 @@ def print_config_tree(
     ),
     resolve: bool = True,
     save_to: str | Path | None = None,
+    echo: bool = True,
 ) -> None:
-    """Print the resolved config as a rich tree (and write it to ``save_to`` / the run dir)."""
+    """Print the resolved config as a rich tree (``echo``) and write it to ``save_to`` / the run dir."""
     import rich
     import rich.syntax
     import rich.tree
@@ -330,7 +336,8 @@ def print_config_tree(
         value = cfg[key]
         text = OmegaConf.to_yaml(value, resolve=resolve) if isinstance(value, DictConfig) else str(value)
         branch.add(rich.syntax.Syntax(text, "yaml"))
-    rich.print(tree)
+    if echo:
+        rich.print(tree)
     out = save_to
     if out is None:
         try:
@@ -338,9 +345,12 @@ def print_config_tree(
         except Exception:  # output_dir unresolvable outside a Hydra run
             out = None
     if out is not None:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        with open(out, "w") as f:
+        out = Path(out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        with open(tmp, "w") as f:
             rich.print(tree, file=f)
+        os.replace(tmp, out)
 
 
 def is_finite(x: float) -> bool:

@@ -12,9 +12,12 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
 import re
 import shutil
 import subprocess
+import sys
+import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -89,17 +92,55 @@ def spice_unavailable_reason() -> str | None:
     return None
 
 
+# The one line the tokenizer's Java process writes to stderr on success, once per call (four per
+# caption evaluation): not an error, and printed across the progress bar; dropped.
+_PTB_SUMMARY = re.compile(r"PTBTokenizer tokenized \d+ tokens at [\d.]+ tokens per second\.")
+
+
+@contextlib.contextmanager
+def _tokenizer_stderr():
+    """Capture file descriptor 2 (which pycocoevalcap's tokenizer subprocess inherits) while it runs.
+
+    Yields a list that, on exit, holds the captured lines other than the success summary; those are
+    written back to stderr, so a Java error is still seen. Without a usable fd 2, captures nothing.
+    """
+    kept: list[str] = []
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError):
+        yield kept
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield kept
+        finally:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.flush()
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode("utf-8", errors="replace")
+            kept += [ln for ln in text.splitlines() if ln.strip() and not _PTB_SUMMARY.fullmatch(ln.strip())]
+            if kept:
+                sys.stderr.write("\n".join(kept) + "\n")
+                sys.stderr.flush()
+
+
 def _tokenize(captions: Mapping[int, Sequence[str]], what: str) -> dict[int, list[str]]:
     """pycocoevalcap's PTBTokenizer on ``{id: [caption, ...]}``, checked to line up one-to-one."""
     from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
     payload = {k: [{"caption": _LINE_BREAKS.sub(" ", c)} for c in v] for k, v in captions.items()}
-    tokenized = PTBTokenizer().tokenize(payload)
+    with _tokenizer_stderr() as java_stderr:
+        tokenized = PTBTokenizer().tokenize(payload)
     bad = [k for k, v in captions.items() if len(tokenized.get(k, ())) != len(v)]
     if bad:
+        tail = "\n".join(java_stderr)[-2000:] or "(nothing)"
         raise CaptionMetricError(
-            f"PTB tokenizer output does not line up with the {what} for image_ids {_ids_text(bad)} "
-            "(did the java process fail? see its stderr above)"
+            f"PTB tokenizer output does not line up with the {what} for image_ids {_ids_text(bad)}; "
+            f"java stderr: {tail}"
         )
     return tokenized
 
