@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -345,12 +344,13 @@ def print_config_tree(
         except Exception:  # output_dir unresolvable outside a Hydra run
             out = None
     if out is not None:
-        out = Path(out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        with open(tmp, "w") as f:
-            rich.print(tree, file=f)
-        os.replace(tmp, out)
+        from ..evaluation.formats import write_atomic
+
+        def write(tmp: str) -> None:
+            with open(tmp, "w") as f:
+                rich.print(tree, file=f)
+
+        write_atomic(out, write)
 
 
 def is_finite(x: float) -> bool:
