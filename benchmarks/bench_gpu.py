@@ -2172,8 +2172,15 @@ def smoke(plan: Plan) -> Plan:
 def merge(paths: list[Path], out: Path) -> int:
     """One JSON from several runs of the suite (sections split over calls): records concatenated,
     each tagged with its run; environments and infos kept per run; the summary recomputed run by run
-    (:func:`summarize_runs`: every ratio pairs two records of one run)."""
-    runs = [json.loads(p.read_text()) for p in paths]
+    (:func:`summarize_runs`: every ratio pairs two records of one run). Runs are taken in the order of
+    their dates, whatever the order given, so "the latest run's record" means the latest measured
+    (``--merge results/bench_gpu_<device>_run_*.json`` rebuilds a merged file from its runs)."""
+
+    def date(run: dict) -> str:  # a run, or a merged file (--isolate's output: one call's sections)
+        return run["date"] if "command" in run else run["merged_from"][-1]["date"]
+
+    loaded = sorted(((p, json.loads(p.read_text())) for p in paths), key=lambda pr: date(pr[1]))
+    paths, runs = [p for p, _ in loaded], [r for _, r in loaded]
     records = []
     for i, run in enumerate(runs):
         records += [{**r, "run": i} for r in run["records"]]
@@ -2185,7 +2192,7 @@ def merge(paths: list[Path], out: Path) -> int:
         if "command" in r:
             return {k: r[k] for k in ("command", "date", "wall_s", "complete")}
         parts = r["merged_from"]
-        return {"command": "; ".join(m["command"] for m in parts), "date": parts[-1]["date"],
+        return {"command": "; ".join(m["command"] for m in parts), "date": date(r),
                 "wall_s": sum(m["wall_s"] for m in parts), "complete": all(m["complete"] for m in parts)}  # fmt: skip
 
     result = {

@@ -97,9 +97,9 @@ def test_a_crashed_section_is_recorded_and_the_rest_merged(tmp_path, monkeypatch
     assert len(err) == 1 and "signal 11" in err[0]["error"] and err[0]["section"] == "decode"
 
 
-def _run_file(path: Path, records: list[dict], command: str = "bench_gpu.py") -> Path:
+def _run_file(path: Path, records: list[dict], command: str = "bench_gpu.py", date: str = "d") -> Path:
     env = {"device_name": "x", "torch": "t", "mamba_ssm": "m", "dtype": "bf16"}
-    run = {"command": command, "date": "d", "wall_s": 1.0, "complete": True, "environment": env,
+    run = {"command": command, "date": date, "wall_s": 1.0, "complete": True, "environment": env,
            "plan": {}, "conventions": {}, "info": {}, "records": records}  # fmt: skip
     path.write_text(json.dumps(run))
     return path
@@ -131,3 +131,26 @@ def test_merged_summary_pairs_records_of_one_run(tmp_path):
         "image_state_cache": 300.0,
         "recompute": 50.0,
     }
+
+
+def test_merge_takes_runs_in_date_order(tmp_path):
+    """`--merge results/*_run_*.json` lists files by name, not by date: the runs are ordered by their
+    dates, so the latest run's record is the one measured last."""
+    b = _bench()
+
+    def vqa(qps):
+        return {
+            "section": "vqa",
+            "case": "c",
+            "model": "ours",
+            "variant": "image_state_cache",
+            "questions_per_s": qps,
+        }
+
+    new = _run_file(tmp_path / "a_new.json", [vqa(300.0)], date="2026-12-03T10:00:00")
+    old = _run_file(tmp_path / "b_old.json", [vqa(100.0)], date="2026-12-01T10:00:00")
+    out = tmp_path / "merged.json"
+    assert b.merge([new, old], out) == 0
+    data = json.loads(out.read_text())
+    assert [m["file"] for m in data["merged_from"]] == ["b_old.json", "a_new.json"]
+    assert [r["questions_per_s"] for r in b.latest_records(data["records"])] == [300.0]
